@@ -1,0 +1,152 @@
+"""Category lists: read `blocklists/<category>.yaml` and its `include:` files into a RuleIndex.
+
+An included file may mix three formats line by line: plain names (`example.com`), hosts lines
+(`0.0.0.0 example.com other.example`) and adblock rules (`||example.com^`, `@@||example.com^` for
+an exception). Comments start with `#` (any format) or `!` (adblock).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from blocker.domains import NameError_, RuleIndex, RuleSource, is_valid_name, normalize_rule
+from blocker.errors import ConfigError
+from blocker.yamlfile import Collector, Reader, compose
+
+CATEGORY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+_CATEGORY_KEYS = {"name", "description", "domains", "except", "include"}
+_ADBLOCK = re.compile(r"^(@@)?\|\|([^\^/$|]+)\^(\$important)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    """One category as loaded: its name, description and file."""
+
+    name: str
+    description: str
+    file: str
+
+
+@dataclass(frozen=True, slots=True)
+class Blocklists:
+    """Every category and the merged rule index."""
+
+    categories: dict[str, Category]
+    index: RuleIndex
+    files: tuple[Path, ...]
+
+
+def load_blocklists(folder: Path) -> Blocklists:
+    """Load every `<category>.yaml` in a folder; raises ConfigError listing every problem."""
+    problems = Collector()
+    index = RuleIndex()
+    categories: dict[str, Category] = {}
+    files: list[Path] = []
+    if not folder.is_dir():
+        problems.add(str(folder), None, "blocklists folder not found")
+        raise ConfigError(problems.problems)
+    for path in sorted(folder.glob("*.yaml")):
+        files.append(path)
+        category = _load_category(path, index, problems, files)
+        if category is not None:
+            categories[category.name] = category
+    if not categories and not problems.problems:
+        problems.add(str(folder), None, "no category files (<name>.yaml) in the blocklists folder")
+    if problems.problems:
+        raise ConfigError(problems.problems)
+    return Blocklists(categories, index, tuple(files))
+
+
+def _load_category(path: Path, index: RuleIndex, problems: Collector, files: list[Path]) -> Category | None:
+    file = str(path)
+    read = Reader(file, problems)
+    root = compose(path, problems)
+    if root is None:
+        if not any(p.file == file for p in problems.problems):
+            problems.add(file, None, "empty category file")
+        return None
+    fields = read.mapping(root, "category file", _CATEGORY_KEYS)
+    name_node = fields.get("name")
+    if name_node is None:
+        read.error(root, "category file needs 'name'")
+        return None
+    name = read.string(name_node, "name")
+    if name is None:
+        return None
+    if not CATEGORY_NAME.match(name):
+        read.error(name_node, f"category name '{name}' must be lower-case letters, digits, '-' or '_'")
+        return None
+    if name != path.stem:
+        read.error(name_node, f"category name '{name}' must match the file name '{path.stem}.yaml'")
+        return None
+    description = ""
+    if "description" in fields:
+        description = read.string(fields["description"], "description") or ""
+    for allow, key in ((False, "domains"), (True, "except")):
+        for text, node in read.strings(fields.get(key), key):
+            try:
+                rule = normalize_rule(text)
+            except NameError_ as err:
+                read.error(node, f"{key}: {err}")
+                continue
+            index.add(rule, RuleSource(name, file, node.start_mark.line + 1, rule, allow))
+    for text, node in read.strings(fields.get("include"), "include"):
+        included = (path.parent / text).resolve()
+        if not included.is_file():
+            read.error(node, f"include: file not found: {text}")
+            continue
+        files.append(included)
+        _load_include(included, name, index, problems)
+    return Category(name, description, file)
+
+
+def _load_include(path: Path, category: str, index: RuleIndex, problems: Collector) -> None:
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        problems.add(file, None, f"cannot read: {err}")
+        return
+    add = index.add
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#![":
+            continue
+        if "#" in line:
+            line = line.split("#", 1)[0].strip()
+        name = line.lower().rstrip(".")
+        # Plain names are by far the most common line: check them with one regex first.
+        if is_valid_name(name):
+            add(name, RuleSource(category, file, number, name))
+            continue
+        for rule_text, allow in _parse_other_line(line, file, number, problems):
+            try:
+                rule = normalize_rule(rule_text)
+            except NameError_ as err:
+                problems.add(file, None, str(err), line=number)
+                continue
+            add(rule, RuleSource(category, file, number, rule, allow))
+
+
+def _parse_other_line(line: str, file: str, number: int, problems: Collector) -> list[tuple[str, bool]]:
+    if line.startswith(("||", "@@")):
+        match = _ADBLOCK.match(line)
+        if match is None:
+            problems.add(file, None, f"unsupported adblock rule '{line}' (only ||name^ and @@||name^)",
+                         line=number)
+            return []
+        return [(match.group(2), match.group(1) is not None)]
+    fields = line.split()
+    if len(fields) >= 2:
+        try:
+            ipaddress.ip_address(fields[0])
+        except ValueError:
+            pass
+        else:
+            # hosts format: the address is ignored; localhost entries are not rules.
+            return [(host, False) for host in fields[1:]
+                    if host not in ("localhost", "localhost.localdomain", "local", "broadcasthost")]
+    return [(line, False)]

@@ -1,0 +1,414 @@
+"""The configuration file: YAML → frozen dataclasses per section, with defaults and FILE:LINE errors.
+
+Unknown keys are errors: a typo must never silently weaken the policy. Paths are relative to the
+config file. Without a file, `embedded_defaults()` gives the behaviour `blocker serve` documents.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from blocker.errors import ConfigError, Problem
+from blocker.yamlfile import Collector, Reader, compose, parse_endpoint
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Endpoint = tuple[str, int]
+
+SHIPPED_CATEGORIES = ("tiktok", "twitter", "facebook", "instagram", "snapchat", "threads",
+                      "whatsapp", "telegram", "signal", "doh")
+MESSAGING_CATEGORIES = ("whatsapp", "telegram", "signal", "doh")
+PROXY_MODES = ("regular", "transparent", "socks5", "wireguard")
+BLOCK_KINDS = ("nxdomain", "refused", "null", "ip")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockResponse:
+    """How a blocked name is answered: `nxdomain`, `refused`, `null` (0.0.0.0 / ::) or `ip`."""
+
+    kind: str = "nxdomain"
+    ipv4: str | None = None
+    ipv6: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    listen: tuple[Endpoint, ...] = (("127.0.0.1", 5353),)
+    upstreams: tuple[Endpoint, ...] = ()
+    allow_networks: tuple[IPNetwork, ...] = tuple(
+        ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8"))
+    block_response: BlockResponse = BlockResponse()
+    block_ttl: int = 60
+    cache_size: int = 100_000
+    trusted_forwarders: tuple[IPNetwork, ...] = ()
+    upstream_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: Endpoint | None = ("127.0.0.1", 9153)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryLogConfig:
+    path: Path | None = None
+    only_blocked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    listen: Endpoint = ("127.0.0.1", 8080)
+    mode: str = "regular"
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    name: str
+    block: tuple[str, ...]
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: str
+    addresses: tuple[IPNetwork, ...]
+    group: str
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Exemption:
+    """A time-limited grant of categories to one device, with its paper trail."""
+
+    device: str
+    allow: tuple[str, ...]
+    approved_by: str
+    reference: str
+    reason: str
+    expires: datetime
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    default_group: str = "standard"
+    groups: dict[str, Group] = field(default_factory=lambda: default_groups())
+    devices: tuple[Device, ...] = ()
+    exemptions: tuple[Exemption, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    dns: DnsConfig
+    metrics: MetricsConfig
+    blocklists: Path
+    query_log: QueryLogConfig
+    proxy: ProxyConfig
+    policy: PolicyConfig
+    source: Path | None = None
+    # Lines of the config file for the sections that later checks refer to.
+    lines: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def source_name(self) -> str:
+        return str(self.source) if self.source else "<embedded defaults>"
+
+
+def default_groups() -> dict[str, Group]:
+    return {
+        "standard": Group("standard", SHIPPED_CATEGORIES),
+        "comms-team": Group("comms-team", MESSAGING_CATEGORIES),
+    }
+
+
+def shipped_blocklists() -> Path:
+    """The `blocklists/` folder installed with the package (or beside it in a checkout)."""
+    try:
+        installed = Path(str(resources.files("blocker.blocklists")))
+        if installed.is_dir() and any(installed.glob("*.yaml")):
+            return installed
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "blocklists"
+
+
+def system_upstreams(resolv_conf: Path = Path("/etc/resolv.conf")) -> tuple[Endpoint, ...]:
+    """The `nameserver` lines of resolv.conf, on port 53."""
+    found: list[Endpoint] = []
+    try:
+        lines = resolv_conf.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ()
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            host = parts[1].split("%", 1)[0]
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                continue
+            found.append((host, 53))
+    return tuple(found)
+
+
+def embedded_defaults() -> Config:
+    """The configuration `blocker serve` runs without --config."""
+    return Config(
+        dns=DnsConfig(upstreams=system_upstreams()),
+        metrics=MetricsConfig(),
+        blocklists=shipped_blocklists(),
+        query_log=QueryLogConfig(),
+        proxy=ProxyConfig(),
+        policy=PolicyConfig(),
+    )
+
+
+_TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy"}
+_DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_ttl", "cache_size",
+             "trusted_forwarders", "upstream_timeout"}
+_POLICY_KEYS = {"default_group", "groups", "devices", "exemptions"}
+_DEVICE_KEYS = {"id", "addresses", "group"}
+_EXEMPTION_KEYS = {"device", "allow", "approved_by", "reference", "reason", "expires"}
+
+
+def load_config(path: Path | None) -> Config:
+    """Read a config file (or the embedded defaults for None); raises ConfigError."""
+    if path is None:
+        return embedded_defaults()
+    problems = Collector()
+    file = str(path)
+    root = compose(path, problems)
+    if problems.problems:
+        raise ConfigError(problems.problems)
+    read = Reader(file, problems)
+    top = read.mapping(root, "config", _TOP_KEYS)
+    base = path.parent
+    lines = {key: node.start_mark.line + 1 for key, node in top.items()}
+    config = Config(
+        dns=_dns(read, top.get("dns")),
+        metrics=_metrics(read, top.get("metrics")),
+        blocklists=_blocklists_path(read, top.get("blocklists"), base),
+        query_log=_query_log(read, top.get("query_log"), base),
+        proxy=_proxy(read, top.get("proxy")),
+        policy=_policy(read, top.get("policy"), lines),
+        source=path,
+        lines=lines,
+    )
+    if problems.problems:
+        raise ConfigError(problems.problems)
+    return config
+
+
+def _endpoints(read: Reader, node: yaml.Node | None, where: str) -> tuple[Endpoint, ...]:
+    out = []
+    for item in read.sequence(node, where):
+        endpoint = read.endpoint(item, f"{where} entry")
+        if endpoint is not None:
+            out.append(endpoint)
+    return tuple(out)
+
+
+def _networks(read: Reader, node: yaml.Node | None, where: str) -> tuple[IPNetwork, ...]:
+    out = []
+    for item in read.sequence(node, where):
+        network = read.network(item, f"{where} entry")
+        if network is not None:
+            out.append(network)
+    return tuple(out)
+
+
+def _dns(read: Reader, node: yaml.Node | None) -> DnsConfig:
+    fields = read.mapping(node, "dns", _DNS_KEYS)
+    defaults = DnsConfig()
+    values: dict[str, object] = {}
+    if "listen" in fields:
+        values["listen"] = _endpoints(read, fields["listen"], "dns.listen")
+        if not values["listen"]:
+            read.error(fields["listen"], "dns.listen needs at least one address")
+    if "upstreams" in fields:
+        values["upstreams"] = _endpoints(read, fields["upstreams"], "dns.upstreams")
+        if not values["upstreams"]:
+            read.error(fields["upstreams"], "dns.upstreams needs at least one server")
+        for _host, port in values["upstreams"]:  # type: ignore[attr-defined]
+            if port == 0:
+                read.error(fields["upstreams"], "dns.upstreams: port 0 is not a server port")
+    else:
+        values["upstreams"] = system_upstreams()
+    if "allow_networks" in fields:
+        values["allow_networks"] = _networks(read, fields["allow_networks"], "dns.allow_networks")
+    if "trusted_forwarders" in fields:
+        values["trusted_forwarders"] = _networks(read, fields["trusted_forwarders"], "dns.trusted_forwarders")
+    if "block_response" in fields:
+        values["block_response"] = _block_response(read, fields["block_response"])
+    if "block_ttl" in fields:
+        ttl = read.integer(fields["block_ttl"], "dns.block_ttl", 0, 86400)
+        values["block_ttl"] = defaults.block_ttl if ttl is None else ttl
+    if "cache_size" in fields:
+        size = read.integer(fields["cache_size"], "dns.cache_size", 0, 10_000_000)
+        values["cache_size"] = defaults.cache_size if size is None else size
+    if "upstream_timeout" in fields:
+        timeout = read.number(fields["upstream_timeout"], "dns.upstream_timeout", 0.05)
+        values["upstream_timeout"] = defaults.upstream_timeout if timeout is None else timeout
+    return DnsConfig(**values)  # type: ignore[arg-type]
+
+
+def _block_response(read: Reader, node: yaml.Node) -> BlockResponse:
+    text = read.string(node, "dns.block_response")
+    if text is None:
+        return BlockResponse()
+    if text in ("nxdomain", "refused", "null"):
+        return BlockResponse(text)
+    if text.startswith("ip:"):
+        ipv4 = ipv6 = None
+        for part in text[3:].split(","):
+            try:
+                address = ipaddress.ip_address(part.strip())
+            except ValueError:
+                read.error(node, f"dns.block_response: '{part.strip()}' is not an IP address")
+                return BlockResponse()
+            if address.version == 4:
+                ipv4 = str(address)
+            else:
+                ipv6 = str(address)
+        return BlockResponse("ip", ipv4, ipv6)
+    read.error(node, f"dns.block_response must be nxdomain, refused, null or ip:ADDR[,ADDR], got '{text}'")
+    return BlockResponse()
+
+
+def _metrics(read: Reader, node: yaml.Node | None) -> MetricsConfig:
+    fields = read.mapping(node, "metrics", {"listen"})
+    if "listen" not in fields:
+        return MetricsConfig()
+    listen = fields["listen"]
+    if isinstance(listen, yaml.ScalarNode) and listen.tag.endswith(":null"):
+        return MetricsConfig(None)
+    return MetricsConfig(read.endpoint(listen, "metrics.listen") or MetricsConfig().listen)
+
+
+def _blocklists_path(read: Reader, node: yaml.Node | None, base: Path) -> Path:
+    if node is None:
+        return base / "blocklists"
+    text = read.string(node, "blocklists")
+    return (base / text) if text else base / "blocklists"
+
+
+def _query_log(read: Reader, node: yaml.Node | None, base: Path) -> QueryLogConfig:
+    fields = read.mapping(node, "query_log", {"path", "only_blocked"})
+    path = None
+    if "path" in fields and not (isinstance(fields["path"], yaml.ScalarNode)
+                                 and fields["path"].tag.endswith(":null")):
+        text = read.string(fields["path"], "query_log.path")
+        path = base / text if text else None
+    only_blocked = False
+    if "only_blocked" in fields:
+        only_blocked = bool(read.boolean(fields["only_blocked"], "query_log.only_blocked"))
+    return QueryLogConfig(path, only_blocked)
+
+
+def _proxy(read: Reader, node: yaml.Node | None) -> ProxyConfig:
+    fields = read.mapping(node, "proxy", {"listen", "mode"})
+    defaults = ProxyConfig()
+    listen = defaults.listen
+    if "listen" in fields:
+        listen = read.endpoint(fields["listen"], "proxy.listen") or defaults.listen
+    mode = defaults.mode
+    if "mode" in fields:
+        text = read.string(fields["mode"], "proxy.mode")
+        if text is not None and text not in PROXY_MODES:
+            read.error(fields["mode"], f"proxy.mode must be one of {', '.join(PROXY_MODES)}, got '{text}'")
+        elif text is not None:
+            mode = text
+    return ProxyConfig(listen, mode)
+
+
+def _policy(read: Reader, node: yaml.Node | None, lines: dict[str, int]) -> PolicyConfig:
+    fields = read.mapping(node, "policy", _POLICY_KEYS)
+    default_group = "standard"
+    if "default_group" in fields:
+        default_group = read.string(fields["default_group"], "policy.default_group") or default_group
+        lines["policy.default_group"] = fields["default_group"].start_mark.line + 1
+    groups = default_groups()
+    if "groups" in fields:
+        groups = {}
+        for name, key_node, value in read.free_mapping(fields["groups"], "policy.groups"):
+            group_fields = read.mapping(value, f"group '{name}'", {"block"})
+            block = tuple(text for text, _ in read.strings(group_fields.get("block"), f"group '{name}' block"))
+            groups[name] = Group(name, block, key_node.start_mark.line + 1)
+            for text, item in read.strings(group_fields.get("block"), f"group '{name}' block"):
+                lines[f"group:{name}:{text}"] = item.start_mark.line + 1
+    if default_group not in groups:
+        read.error(fields.get("default_group") or node, f"policy.default_group '{default_group}' is not a group")
+    devices = _devices(read, fields.get("devices"), groups)
+    exemptions = _exemptions(read, fields.get("exemptions"), lines)
+    return PolicyConfig(default_group, groups, devices, exemptions)
+
+
+def _devices(read: Reader, node: yaml.Node | None, groups: dict[str, Group]) -> tuple[Device, ...]:
+    devices: list[Device] = []
+    seen: set[str] = set()
+    for item in read.sequence(node, "policy.devices"):
+        fields = read.mapping(item, "device", _DEVICE_KEYS)
+        missing = [key for key in ("id", "addresses", "group") if key not in fields]
+        if missing:
+            read.error(item, f"device needs {', '.join(missing)}")
+            continue
+        device_id = read.string(fields["id"], "device id")
+        group = read.string(fields["group"], "device group")
+        addresses = _networks(read, fields["addresses"], "device addresses")
+        if device_id is None or group is None:
+            continue
+        if device_id in seen:
+            read.error(fields["id"], f"device '{device_id}' is listed twice")
+            continue
+        seen.add(device_id)
+        if group not in groups:
+            read.error(fields["group"], f"device '{device_id}': unknown group '{group}'")
+            continue
+        if not addresses:
+            read.error(fields["addresses"], f"device '{device_id}' needs at least one address")
+            continue
+        devices.append(Device(device_id, addresses, group, item.start_mark.line + 1))
+    return tuple(devices)
+
+
+def _exemptions(read: Reader, node: yaml.Node | None, lines: dict[str, int]) -> tuple[Exemption, ...]:
+    exemptions: list[Exemption] = []
+    for item in read.sequence(node, "policy.exemptions"):
+        fields = read.mapping(item, "exemption", _EXEMPTION_KEYS)
+        missing = [key for key in ("device", "allow", "approved_by", "reference", "reason", "expires")
+                   if key not in fields]
+        if missing:
+            read.error(item, f"exemption needs {', '.join(missing)} (no defaults: every grant is on record)")
+            continue
+        device = read.string(fields["device"], "exemption device")
+        allow = tuple(text for text, _ in read.strings(fields["allow"], "exemption allow"))
+        approved_by = read.string(fields["approved_by"], "exemption approved_by")
+        reference = read.string(fields["reference"], "exemption reference")
+        reason = read.string(fields["reason"], "exemption reason")
+        expires = read.timestamp(fields["expires"], "exemption expires")
+        values = (device, approved_by, reference, reason)
+        if any(v is None for v in values) or expires is None:
+            continue
+        if not all(str(v).strip() for v in values):
+            read.error(item, "exemption: device, approved_by, reference and reason must not be empty")
+            continue
+        if not allow:
+            read.error(fields["allow"], "exemption allow needs at least one category")
+            continue
+        exemptions.append(Exemption(device, allow, approved_by, reference, reason,  # type: ignore[arg-type]
+                                    expires, read.file, item.start_mark.line + 1))
+    return tuple(exemptions)
+
+
+def endpoint_from_text(text: str) -> Endpoint:
+    """Parse `host:port` given on the command line; raises ConfigError."""
+    parsed = parse_endpoint(text)
+    if parsed is None:
+        raise ConfigError([Problem("<command line>", 0, f"'{text}' is not IP:PORT")])
+    return parsed

@@ -1,0 +1,197 @@
+"""The policy: a compiled snapshot of config and lists, and the one pure decision function.
+
+`decide(policy, client, qname, now)` is shared by the resolver, `blocker check` and the proxy
+addon. No DNS wire format and no I/O here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+
+from blocker.blocklists import Blocklists, load_blocklists
+from blocker.clients import Client, NetworkTable, parse_ecs
+from blocker.config import Config, Device, Exemption
+from blocker.domains import Match, normalize
+from blocker.errors import ConfigError, Problem
+
+# Firefox's DoH canary and Apple's iCloud Private Relay: NXDOMAIN switches the bypass off.
+CANARY_NAMES = frozenset({"use-application-dns.net", "mask.icloud.com", "mask-h2.icloud.com"})
+CANARY_CATEGORY = "doh"
+
+
+class Action(StrEnum):
+    ALLOWED = "allowed"
+    BLOCKED = "blocked"
+    EXEMPTED = "exempted"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one name for one client, and why."""
+
+    action: Action
+    group: str
+    categories: frozenset[str] = frozenset()
+    category: str | None = None  # the category that blocked (or was exempted)
+    exemption: Exemption | None = None
+    expires_in: float | None = None  # seconds an exempted answer may live
+    canary: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Everything a decision needs, compiled once per (re)load; never mutated."""
+
+    config: Config
+    lists: Blocklists
+    version: str
+    group_blocks: dict[str, frozenset[str]]
+    group_order: dict[str, tuple[str, ...]]
+    devices: dict[str, Device]
+    device_table: NetworkTable[Device]
+    allow_table: NetworkTable[bool]
+    trusted_table: NetworkTable[bool]
+    exemptions: dict[str, tuple[Exemption, ...]]
+    warnings: tuple[Problem, ...]
+
+    def categorize(self, qname: str) -> frozenset[str]:
+        """Categories of a normalised name (the canaries count as `doh`)."""
+        categories = self.lists.index.classify(qname)
+        if qname in CANARY_NAMES:
+            return categories | {CANARY_CATEGORY}
+        return categories
+
+    def explain(self, qname: str) -> Match:
+        return self.lists.index.lookup(qname)
+
+
+def compile_policy(config: Config) -> Policy:
+    """Load the lists and check config against them; raises ConfigError with every problem."""
+    lists = load_blocklists(config.blocklists)
+    problems: list[Problem] = []
+    source = config.source_name
+    known = set(lists.categories) | {CANARY_CATEGORY}
+    for group in config.policy.groups.values():
+        for category in group.block:
+            if category not in known:
+                line = config.lines.get(f"group:{group.name}:{category}", group.line)
+                problems.append(Problem(source, line, f"group '{group.name}' blocks unknown category '{category}'"))
+    for exemption in config.policy.exemptions:
+        for category in exemption.allow:
+            if category not in known:
+                problems.append(Problem(source, exemption.line,
+                                        f"exemption {exemption.reference} allows unknown category '{category}'"))
+    if problems:
+        raise ConfigError(problems)
+    devices = {device.id: device for device in config.policy.devices}
+    warnings: list[Problem] = []
+    exemptions: dict[str, list[Exemption]] = {}
+    for exemption in config.policy.exemptions:
+        if exemption.device not in devices:
+            warnings.append(Problem(source, exemption.line,
+                                    f"exemption {exemption.reference} names unknown device '{exemption.device}'"))
+        exemptions.setdefault(exemption.device, []).append(exemption)
+    device_table = NetworkTable((network, device) for device in config.policy.devices
+                                for network in device.addresses)
+    for outer, inner in device_table.overlaps():
+        warnings.append(Problem(source, config.lines.get("policy", 1),
+                                f"device addresses overlap: {inner} lies inside {outer} (the narrower wins)"))
+    return Policy(
+        config=config,
+        lists=lists,
+        version=policy_version(config, lists.files),
+        group_blocks={name: frozenset(g.block) for name, g in config.policy.groups.items()},
+        group_order={name: g.block for name, g in config.policy.groups.items()},
+        devices=devices,
+        device_table=device_table,
+        allow_table=NetworkTable((network, True) for network in config.dns.allow_networks),
+        trusted_table=NetworkTable((network, True) for network in config.dns.trusted_forwarders),
+        exemptions={device: tuple(sorted(items, key=lambda e: e.expires)) for device, items in exemptions.items()},
+        warnings=tuple(warnings),
+    )
+
+
+def policy_version(config: Config, files: tuple[Path, ...]) -> str:
+    """A short hash of the config and every list file's content."""
+    digest = hashlib.sha256()
+    sources = ([config.source] if config.source else []) + sorted(files)
+    for path in sources:
+        digest.update(str(path).encode())
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            digest.update(b"?")
+    return digest.hexdigest()[:10]
+
+
+def identify(policy: Policy, address: str, ecs: bytes | None = None) -> Client:
+    """Find the client behind a source address (or the ECS address a trusted forwarder sent)."""
+    try:
+        source = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return Client(address, None, policy.config.policy.default_group, False)
+    if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
+        source = source.ipv4_mapped
+    allowed = policy.allow_table.lookup(source) is not None
+    if ecs is not None and policy.trusted_table.lookup(source) is not None:
+        subnet = parse_ecs(ecs)
+        if subnet is not None:
+            source = subnet
+            address = str(subnet)
+    device = policy.device_table.lookup(source)
+    if device is None:
+        return Client(address, None, policy.config.policy.default_group, allowed)
+    return Client(address, device.id, device.group, allowed)
+
+
+def decide(policy: Policy, client: Client, qname: str, now: datetime) -> Decision:
+    """The decision for one normalised name and one client at time `now` (timezone-aware)."""
+    if not client.allowed:
+        return Decision(Action.REFUSED, client.group)
+    return decide_categories(policy, client, qname, policy.categorize(qname), now)
+
+
+def decide_categories(policy: Policy, client: Client, qname: str, categories: frozenset[str],
+                      now: datetime) -> Decision:
+    """`decide` for a name whose categories are already known (the resolver's hot path)."""
+    group = client.group
+    if not categories:
+        return Decision(Action.ALLOWED, group)
+    hit = categories & policy.group_blocks.get(group, frozenset())
+    if not hit:
+        return Decision(Action.ALLOWED, group, categories)
+    canary = qname in CANARY_NAMES
+    granted = policy.exemptions.get(client.device) if client.device is not None else None
+    used: list[Exemption] = []
+    remaining = set(hit)
+    if granted:
+        for exemption in granted:
+            if exemption.expires > now and remaining.intersection(exemption.allow):
+                used.append(exemption)
+                remaining.difference_update(exemption.allow)
+    if remaining:
+        first = next(c for c in policy.group_order[group] if c in remaining)
+        return Decision(Action.BLOCKED, group, categories, first, canary=canary)
+    # Every blocking category is granted: the answer may live no longer than the first grant to end.
+    ending = min(used, key=lambda e: e.expires)
+    category = next(c for c in policy.group_order[group] if c in hit)
+    return Decision(Action.EXEMPTED, group, categories, category, ending,
+                    (ending.expires - now).total_seconds())
+
+
+def check_name(text: str) -> str:
+    """Normalise a name typed by a person (for `blocker check`); raises ValueError."""
+    return normalize(text)
+
+
+def load_policy(path: Path | None) -> Policy:
+    """Read config and lists and compile them; raises ConfigError."""
+    from blocker.config import load_config
+
+    return compile_policy(load_config(path))

@@ -1,0 +1,284 @@
+"""The request flow, in one place: parse → identify → decide → cache → forward → check CNAMEs → respond → record.
+
+`Resolver.handle` answers synchronously whatever it can (blocked, refused, malformed, cached),
+which is nearly every query; only a cache miss returns a coroutine that forwards upstream. The
+order of the steps, and why:
+
+1. parse: a packet that is not a query is answered FORMERR/NOTIMP (or dropped) before any work.
+2. identify: the client's group and device decide everything after, so they come first.
+3. decide: above the cache, because a decision is per client and the cache is shared.
+4. cache: holds upstream answers only, so a reload never needs to flush it.
+5. forward: the only step doing network I/O.
+6. CNAME check: after the answer, whether it came from cache or upstream.
+7. record: every outcome, errors included, counted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from blocker.cache import AnswerCache, CacheEntry
+from blocker.clients import Client
+from blocker.message import (
+    EDE_BLOCKED,
+    EDE_OTHER,
+    EDE_PROHIBITED,
+    QTYPE_A,
+    QTYPE_AAAA,
+    RCODE_FORMERR,
+    RCODE_NOERROR,
+    RCODE_NOTIMP,
+    RCODE_NXDOMAIN,
+    RCODE_REFUSED,
+    RCODE_SERVFAIL,
+    BadVersion,
+    Query,
+    WireError,
+    address_record,
+    answer,
+    badvers_answer,
+    ede_option,
+    error_answer,
+    opt_pair,
+    read_question,
+    scan_response,
+    soa_record,
+    truncated,
+)
+from blocker.metrics import Stats
+from blocker.policy import Action, Decision, Policy, decide_categories, identify
+from blocker.upstream import Upstreams
+
+log = logging.getLogger("blocker")
+
+TCP_MAX = 65535
+MAX_FORWARDS = 4096  # queries waiting on upstreams at once; beyond this, SERVFAIL at once
+_MEMO_LIMIT = 200_000
+_EDE_NO_REACHABLE_AUTHORITY = 22
+
+
+class BlockAnswers:
+    """The pieces of blocked answers for one policy, built once at load time."""
+
+    def __init__(self, policy: Policy) -> None:
+        dns = policy.config.dns
+        self.kind = dns.block_response.kind
+        self.version = policy.version
+        ttl = dns.block_ttl
+        self.soa = soa_record(ttl)
+        if self.kind == "null":
+            self.a: bytes | None = address_record(QTYPE_A, ttl, "0.0.0.0")
+            self.aaaa: bytes | None = address_record(QTYPE_AAAA, ttl, "::")
+        elif self.kind == "ip":
+            ipv4, ipv6 = dns.block_response.ipv4, dns.block_response.ipv6
+            self.a = address_record(QTYPE_A, ttl, ipv4) if ipv4 else None
+            self.aaaa = address_record(QTYPE_AAAA, ttl, ipv6) if ipv6 else None
+        else:
+            self.a = self.aaaa = None
+        self._opts: dict[str, tuple[bytes, bytes]] = {}
+        self.refused_opt = opt_pair(ede_option(EDE_PROHIBITED, "source address not in allow_networks"))
+        self.servfail_opt = opt_pair(ede_option(_EDE_NO_REACHABLE_AUTHORITY, "no upstream answered"))
+        self.unreadable_opt = opt_pair(ede_option(EDE_OTHER, "upstream answer unreadable"))
+        self.internal_opt = opt_pair(ede_option(EDE_OTHER, "internal error"))
+        for category in policy.lists.categories:
+            self.opt_for(category)
+
+    def opt_for(self, category: str) -> tuple[bytes, bytes]:
+        opt = self._opts.get(category)
+        if opt is None:
+            text = f"blocked: category={category}; policy={self.version}"
+            opt = self._opts[category] = opt_pair(ede_option(EDE_BLOCKED, text))
+        return opt
+
+    def build(self, query: Query, category: str, canary: bool) -> bytes:
+        opt = self.opt_for(category)
+        kind = self.kind
+        if canary or kind == "nxdomain":
+            return answer(query, RCODE_NXDOMAIN, authority=self.soa, nscount=1, opt=opt)
+        if kind == "refused":
+            return answer(query, RCODE_REFUSED, opt=opt)
+        record = self.a if query.qtype == QTYPE_A else self.aaaa if query.qtype == QTYPE_AAAA else None
+        if record is not None:
+            return answer(query, RCODE_NOERROR, record, 1, opt=opt)
+        return answer(query, RCODE_NOERROR, authority=self.soa, nscount=1, opt=opt)
+
+
+class PolicyState:
+    """The running policy and what is derived from it; replaced whole on reload."""
+
+    __slots__ = ("answers", "categories", "clients", "policy")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.answers = BlockAnswers(policy)
+        self.clients: dict[tuple[str, bytes | None], Client] = {}
+        self.categories: dict[str, frozenset[str]] = {}
+
+
+class Resolver:
+    """Answers queries under the current policy; shared by the UDP and TCP listeners."""
+
+    def __init__(self, policy: Policy, cache: AnswerCache, upstreams: Upstreams, stats: Stats) -> None:
+        self.state = PolicyState(policy)
+        self.cache = cache
+        self.upstreams = upstreams
+        self.stats = stats
+        self.forwarding = 0
+        self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
+
+    @property
+    def policy(self) -> Policy:
+        return self.state.policy
+
+    def swap(self, policy: Policy) -> None:
+        """Install a new policy; queries already past `identify` finish on the old one."""
+        self.state = PolicyState(policy)
+
+    def handle(self, data: bytes, address: str, transport: str) -> bytes | Coroutine[Any, Any, bytes | None] | None:
+        """The answer to one packet: bytes now, None to drop, or a coroutine that forwards it."""
+        started = time.perf_counter()
+        try:
+            query = read_question(data)
+        except WireError:
+            self.stats.bad_packet(transport)
+            reply = error_answer(data, RCODE_FORMERR)
+            self.stats.query(transport, "error", time.perf_counter() - started)
+            return reply
+        except NotImplementedError:
+            self.stats.query(transport, "error", time.perf_counter() - started)
+            return error_answer(data, RCODE_NOTIMP)
+        except BadVersion as err:
+            self.stats.query(transport, "error", time.perf_counter() - started)
+            return badvers_answer(err.query)
+        try:
+            return self._answer(query, address, transport, started)
+        except Exception:
+            log.exception("error while answering a query for %s", query.qname)
+            self.stats.internal_errors += 1
+            self.stats.query(transport, "error", time.perf_counter() - started)
+            return answer(query, RCODE_SERVFAIL, opt=self.state.answers.internal_opt)
+
+    def _answer(self, query: Query, address: str, transport: str,
+                started: float) -> bytes | Coroutine[Any, Any, bytes | None]:
+        state = self.state
+        policy = state.policy
+        key = (address, query.ecs)
+        client = state.clients.get(key)
+        if client is None:
+            if len(state.clients) >= _MEMO_LIMIT:
+                state.clients.clear()
+            client = state.clients[key] = identify(policy, address, query.ecs)
+        stats = self.stats
+        if not client.allowed:
+            stats.query(transport, "refused", time.perf_counter() - started)
+            return answer(query, RCODE_REFUSED, opt=state.answers.refused_opt)
+        qname = query.qname
+        categories = state.categories.get(qname)
+        if categories is None:
+            if len(state.categories) >= _MEMO_LIMIT:
+                state.categories.clear()
+            categories = state.categories[qname] = policy.categorize(qname)
+        decision = None
+        if categories:
+            decision = decide_categories(policy, client, qname, categories, datetime.now(UTC))
+            if decision.action is Action.BLOCKED:
+                return self._blocked(query, state, decision.category or "", decision.group, decision.canary,
+                                     transport, started)
+        max_size = TCP_MAX if transport == "tcp" else query.max_udp()
+        now = time.monotonic()
+        entry = self.cache.get(query.cache_key, now)
+        if entry is not None:
+            return self._respond(query, state, client, decision, entry, now, max_size, transport, started)
+        if self.forwarding >= MAX_FORWARDS:
+            stats.query(transport, "error", time.perf_counter() - started)
+            return answer(query, RCODE_SERVFAIL, opt=state.answers.servfail_opt)
+        return self._forward(query, state, client, decision, max_size, transport, started)
+
+    def _blocked(self, query: Query, state: PolicyState, category: str, group: str, canary: bool,
+                 transport: str, started: float) -> bytes:
+        reply = state.answers.build(query, category, canary)
+        self.stats.block(category, group)
+        self.stats.query(transport, "blocked", time.perf_counter() - started)
+        return reply
+
+    async def _forward(self, query: Query, state: PolicyState, client: Client, decision: Decision | None,
+                       max_size: int, transport: str, started: float) -> bytes | None:
+        key = query.cache_key
+        self.forwarding += 1
+        try:
+            waiting = self._inflight.get(key)
+            if waiting is not None:
+                # The same question is already on its way upstream: share its answer.
+                wire = await asyncio.shield(waiting)
+            else:
+                future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+                self._inflight[key] = future
+                try:
+                    wire = await self.upstreams.resolve(query)
+                    future.set_result(wire)
+                except BaseException as err:
+                    future.set_exception(err)
+                    future.exception()  # marks it retrieved when nobody else waits
+                    raise
+                finally:
+                    del self._inflight[key]
+        except Exception:
+            log.exception("error while forwarding a query for %s", query.qname)
+            self.stats.internal_errors += 1
+            wire = None
+        finally:
+            self.forwarding -= 1
+        if wire is None:
+            self.stats.query(transport, "error", time.perf_counter() - started)
+            return answer(query, RCODE_SERVFAIL, opt=state.answers.servfail_opt)
+        now = time.monotonic()
+        try:
+            scan = scan_response(wire)
+        except WireError:
+            self.stats.query(transport, "error", time.perf_counter() - started)
+            return answer(query, RCODE_SERVFAIL, opt=state.answers.unreadable_opt)
+        entry = self.cache.put(key, wire, scan, now)
+        return self._respond(query, state, client, decision, entry, now, max_size, transport, started)
+
+    def _respond(self, query: Query, state: PolicyState, client: Client, decision: Decision | None,
+                 entry: CacheEntry, now: float, max_size: int, transport: str, started: float) -> bytes:
+        if entry.targets:
+            blocked = self._blocked_target(state, client, entry)
+            if blocked is not None:
+                return self._blocked(query, state, blocked.category or "", blocked.group, False,
+                                     transport, started)
+        exempted = decision is not None and decision.action is Action.EXEMPTED
+        rendered = entry.render(now, query.edns, decision.expires_in if exempted else None)  # type: ignore[union-attr]
+        qlen = len(query.question)
+        # Our client's ID and its question exactly as it spelled it (0x20 case preserved).
+        reply = query.id + rendered[2:12] + query.question + rendered[12 + qlen:]
+        if len(reply) > max_size:
+            reply = truncated(query, reply)
+        if exempted:
+            assert decision is not None
+            self.stats.exempt(decision.category or "")
+            self.stats.query(transport, "exempted", time.perf_counter() - started)
+        else:
+            self.stats.query(transport, "allowed", time.perf_counter() - started)
+        return reply
+
+    def _blocked_target(self, state: PolicyState, client: Client, entry: CacheEntry) -> Decision | None:
+        """The decision that blocks one of the answer's CNAME targets for this client, if any."""
+        policy = state.policy
+        if entry.target_policy is not policy:
+            entry.target_categories = tuple(policy.categorize(t) for t in entry.targets)
+            entry.target_policy = policy
+        now = None
+        for target, categories in zip(entry.targets, entry.target_categories, strict=True):
+            if not categories:
+                continue
+            now = now or datetime.now(UTC)
+            decision = decide_categories(policy, client, target, categories, now)
+            if decision.action is Action.BLOCKED:
+                return decision
+        return None
