@@ -1,0 +1,62 @@
+"""Shared fixtures: one real Knot upstream for the session, and configs pointing blocker at it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, Blocker, Knot
+
+SHIPPED = ROOT / "blocklists"
+
+
+@pytest.fixture(scope="session")
+def knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Knot]:
+    server = Knot(tmp_path_factory.mktemp("knot"), ["example.test", "tiktok.com"]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def refusing_knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Knot]:
+    """An authoritative server for an unrelated zone: it answers REFUSED for everything we ask."""
+    server = Knot(tmp_path_factory.mktemp("knot-refusing"), ["other.test"]).start()
+    yield server
+    server.stop()
+
+
+def standard_config(directory: Path, upstreams: list[str], extra_dns: str = "", policy: str = "",
+                    blocklists: Path = SHIPPED, name: str = "blocker.yaml") -> Path:
+    """A config on ephemeral loopback ports; `extra_dns` and `policy` are YAML snippets."""
+    upstream_list = ", ".join(f'"{u}"' for u in upstreams)
+    dns_extra = textwrap.indent(textwrap.dedent(extra_dns).strip(), "  ")
+    text = (f"dns:\n  listen: [\"127.0.0.1:0\"]\n  upstreams: [{upstream_list}]\n  upstream_timeout: 0.5\n"
+            + (dns_extra + "\n" if dns_extra else "")
+            + f"metrics:\n  listen: \"127.0.0.1:0\"\nblocklists: \"{blocklists}\"\n"
+            + textwrap.dedent(policy))
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def blocker(knot: Knot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Blocker]:
+    """blocker on the shipped lists, forwarding to Knot, with a comms-team device at 127.0.0.3."""
+    directory = tmp_path_factory.mktemp("blocker")
+    config = standard_config(directory, [knot.endpoint], policy="""\
+        policy:
+          default_group: standard
+          groups:
+            standard: {block: [tiktok, twitter, facebook, instagram, snapchat, threads, whatsapp, telegram, signal, doh]}
+            comms-team: {block: [whatsapp, telegram, signal, doh]}
+          devices:
+            - id: MPS-000123
+              addresses: ["127.0.0.3"]
+              group: comms-team
+        """)
+    server = Blocker(config).start()
+    yield server
+    server.stop()

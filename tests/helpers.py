@@ -1,0 +1,242 @@
+"""Test helpers that run real processes: Knot DNS as the upstream, and `blocker serve` itself."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+
+ROOT = Path(__file__).resolve().parent.parent
+ZONES = Path(__file__).resolve().parent / "zones"
+
+
+def require_tool(name: str) -> str:
+    """The path of a tool the tests need; a missing tool fails the test (never a silent skip)."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        raise AssertionError(f"{name} is not installed: run .ci/run (it installs the test tools)")
+    return path
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def wait_for_dns(port: int, name: str, deadline: float = 10.0, host: str = "127.0.0.1") -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            dns.query.udp(dns.message.make_query(name, "SOA"), host, port=port, timeout=0.3)
+            return
+        except (dns.exception.Timeout, OSError):
+            time.sleep(0.05)
+    raise AssertionError(f"no DNS server answered on {host}:{port}")
+
+
+class Knot:
+    """A real authoritative server (Knot DNS) on loopback, serving zones from tests/zones."""
+
+    def __init__(self, workdir: Path, zones: list[str]) -> None:
+        self.workdir = workdir
+        self.zones = zones
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Knot:
+        knotd = require_tool("knotd")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        zone_lines = "\n".join(f"  - domain: {zone}" for zone in self.zones)
+        conf = self.workdir / "knot.conf"
+        conf.write_text(textwrap.dedent(f"""\
+            server:
+                rundir: "{self.workdir}"
+                listen: 127.0.0.1@{self.port}
+            database:
+                storage: "{self.workdir}/db"
+            log:
+              - target: stderr
+                any: warning
+            template:
+              - id: default
+                storage: "{ZONES}"
+                file: "%s.zone"
+                zonefile-sync: -1
+                journal-content: none
+            """) + ("zone:\n" + zone_lines + "\n" if self.zones else ""))
+        self.process = subprocess.Popen([knotd, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        probe = self.zones[0] if self.zones else "invalid"
+        wait_for_dns(self.port, probe)
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+class BlackHole:
+    """A UDP socket that reads queries and never answers: an upstream that is down but not refusing."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = 0
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.sock.recv(4096)
+            except OSError:
+                return
+            self.received += 1
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Blocker:
+    """The real `blocker serve` as a subprocess, on ephemeral loopback ports read back from its log."""
+
+    def __init__(self, config: Path | None, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.env = env
+        self.lines: list[str] = []
+        self.process: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self.dns_endpoints: list[tuple[str, int]] = []
+
+    def start(self, expect_ready: bool = True) -> Blocker:
+        args = [sys.executable, "-m", "blocker", "serve"]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        self.process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        text=True, env={**os.environ, **(self.env or {})})
+        threading.Thread(target=self._read, daemon=True).start()
+        if expect_ready:
+            self.wait_for_log(r" ready ")
+        return self
+
+    def _read(self) -> None:
+        assert self.process and self.process.stderr
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+            found = re.search(r"listening dns=\[?([0-9a-f.:]+?)\]?:(\d+) ", line)
+            if found:
+                self.dns_endpoints.append((found.group(1), int(found.group(2))))
+                if not self.port:
+                    self.port = int(found.group(2))
+            found = re.search(r"listening metrics=http://\S+:(\d+)/", line)
+            if found:
+                self.metrics_port = int(found.group(1))
+
+    def wait_for_log(self, pattern: str, timeout: float = 15.0, after: int = 0) -> str:
+        end = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < end:
+            for line in self.lines[after:]:
+                if regex.search(line):
+                    return line
+            if self.process and self.process.poll() is not None and not any(
+                    regex.search(line) for line in self.lines[after:]):
+                time.sleep(0.1)
+                for line in self.lines[after:]:
+                    if regex.search(line):
+                        return line
+                raise AssertionError(f"blocker exited ({self.process.returncode}) before logging "
+                                     f"{pattern!r}:\n" + "\n".join(self.lines))
+            time.sleep(0.02)
+        raise AssertionError(f"blocker did not log {pattern!r} within {timeout}s:\n" + "\n".join(self.lines))
+
+    def signal(self, signum: int) -> None:
+        assert self.process
+        self.process.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def query(self, name: str, rdtype: str = "A", tcp: bool = False, source: str | None = None,
+              use_edns: int | bool = 0, payload: int = 1232, timeout: float = 3.0,
+              **kwargs: object) -> dns.message.Message:
+        q = dns.message.make_query(name, rdtype, use_edns=use_edns, payload=payload, **kwargs)
+        send = dns.query.tcp if tcp else dns.query.udp
+        return send(q, "127.0.0.1", port=self.port, timeout=timeout, source=source)
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The value of one sample in a Prometheus exposition (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if labels is None or all(found.get(k) == v for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+def write_config(directory: Path, body: str, name: str = "blocker.yaml") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def edes(response: dns.message.Message) -> list[tuple[int, str]]:
+    return [(int(e.code), e.text or "") for e in response.extended_errors()]
+
+
+def rcode_text(response: dns.message.Message) -> str:
+    return dns.rcode.to_text(response.rcode())
