@@ -16,7 +16,7 @@ from pathlib import Path
 from blocker.blocklists import Blocklists, load_blocklists
 from blocker.clients import Client, NetworkTable, parse_ecs
 from blocker.config import Config, Device, Exemption
-from blocker.domains import Match, normalize
+from blocker.domains import Match, is_valid_name, normalize
 from blocker.errors import ConfigError, Problem
 
 # Firefox's DoH canary and Apple's iCloud Private Relay: NXDOMAIN switches the bypass off.
@@ -187,7 +187,10 @@ def decide_categories(policy: Policy, client: Client, qname: str, categories: fr
 
 def check_name(text: str) -> str:
     """Normalise a name typed by a person (for `blocker check`); raises ValueError."""
-    return normalize(text)
+    name = normalize(text)
+    if not is_valid_name(name):
+        raise ValueError("labels are letters, digits, '-' or '_', 1 to 63 characters, separated by single dots")
+    return name
 
 
 def load_policy(path: Path | None) -> Policy:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, Blocker, Knot
 
 SHIPPED = ROOT / "blocklists"
@@ -49,9 +48,7 @@ def blocker(knot: Knot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bl
     config = standard_config(directory, [knot.endpoint], policy="""\
         policy:
           default_group: standard
-          groups:
-            standard: {block: [tiktok, twitter, facebook, instagram, snapchat, threads, whatsapp, telegram, signal, doh]}
-            comms-team: {block: [whatsapp, telegram, signal, doh]}
+          # groups: the defaults (standard blocks all ten categories, comms-team only messaging and doh)
           devices:
             - id: MPS-000123
               addresses: ["127.0.0.3"]

@@ -17,7 +17,6 @@ import dns.query
 import dns.rdatatype
 import pytest
 from conftest import standard_config
-
 from helpers import BlackHole, Blocker, Knot, edes, metric_value, rcode_text, require_tool
 
 
