@@ -105,30 +105,47 @@ def _load_category(path: Path, index: RuleIndex, problems: Collector, files: lis
 
 def _load_include(path: Path, category: str, index: RuleIndex, problems: Collector) -> None:
     file = str(path)
+    add = index.add
+    bulk = RuleSource(category, file, 0, "")
     try:
-        text = path.read_text(encoding="utf-8")
+        # Read line by line: a list of a million names must not sit in memory twice.
+        with path.open(encoding="utf-8") as lines:
+            for number, raw in enumerate(lines, start=1):
+                line = raw.strip()
+                if not line or line[0] in "#![":
+                    continue
+                if "#" in line:
+                    line = line.split("#", 1)[0].strip()
+                name = line.lower().rstrip(".")
+                # Plain names are by far the most common line: one regex, and no line number kept
+                # (`blocker check` finds it again with `find_line`).
+                if is_valid_name(name):
+                    add(name, bulk, keep_line=False)
+                    continue
+                for rule_text, allow in _parse_other_line(line, file, number, problems):
+                    try:
+                        rule = normalize_rule(rule_text)
+                    except NameError_ as err:
+                        problems.add(file, None, str(err), line=number)
+                        continue
+                    add(rule, RuleSource(category, file, number, rule, allow))
     except (OSError, UnicodeDecodeError) as err:
         problems.add(file, None, f"cannot read: {err}")
-        return
-    add = index.add
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line[0] in "#![":
-            continue
-        if "#" in line:
-            line = line.split("#", 1)[0].strip()
-        name = line.lower().rstrip(".")
-        # Plain names are by far the most common line: check them with one regex first.
-        if is_valid_name(name):
-            add(name, RuleSource(category, file, number, name))
-            continue
-        for rule_text, allow in _parse_other_line(line, file, number, problems):
-            try:
-                rule = normalize_rule(rule_text)
-            except NameError_ as err:
-                problems.add(file, None, str(err), line=number)
-                continue
-            add(rule, RuleSource(category, file, number, rule, allow))
+
+
+def find_line(file: str, rule: str) -> int:
+    """The line of an included file that holds a rule (0 if it is no longer there)."""
+    try:
+        with open(file, encoding="utf-8") as lines:
+            for number, raw in enumerate(lines, start=1):
+                if rule in raw.lower():
+                    text = raw.split("#", 1)[0].strip().lower().rstrip(".")
+                    fields = text.replace("||", " ").replace("^", " ").split()
+                    if rule in fields:
+                        return number
+    except (OSError, UnicodeDecodeError):
+        pass
+    return 0
 
 
 def _parse_other_line(line: str, file: str, number: int, problems: Collector) -> list[tuple[str, bool]]:

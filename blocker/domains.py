@@ -76,6 +76,8 @@ class RuleEntry:
     categories: frozenset[str]
     allow: bool
     sources: list[RuleSource] = field(default_factory=list)
+    # One shared entry stands for every rule of one list file: its source names the file only.
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +115,11 @@ class RuleIndex:
         self._shared: dict[tuple[str, str, bool], RuleEntry] = {}
         self.rule_count = 0
 
-    def add(self, rule: str, source: RuleSource) -> None:
-        """Add a normalised rule (see `normalize_rule`)."""
+    def add(self, rule: str, source: RuleSource, keep_line: bool = True) -> None:
+        """Add a normalised rule (see `normalize_rule`).
+
+        `keep_line=False` saves memory for bulk lists: the rule's line is then found on demand.
+        """
         self.rule_count += 1
         if "*" in rule:
             self._add_pattern(rule, source)
@@ -124,10 +129,12 @@ class RuleIndex:
             key = (source.category, source.file, source.allow)
             shared = self._shared.get(key)
             if shared is None:
-                shared = RuleEntry(frozenset((source.category,)), source.allow, [source])
+                shared = RuleEntry(frozenset((source.category,)), source.allow,
+                                   [RuleSource(source.category, source.file, 0, "", source.allow)], shared=True)
                 self._shared[key] = shared
             self._exact[rule] = shared
-            self._lines[rule] = source.line
+            if keep_line:
+                self._lines[rule] = source.line
             return
         # A second rule for the same name (another category, or an except): give it its own entry.
         sources = self._sources_of(rule, current)
@@ -135,11 +142,10 @@ class RuleIndex:
         self._lines.pop(rule, None)
 
     def _sources_of(self, rule: str, entry: RuleEntry) -> list[RuleSource]:
-        line = self._lines.get(rule)
-        if line is None:
+        if not entry.shared:
             return list(entry.sources)
         src = entry.sources[0]
-        return [RuleSource(src.category, src.file, line, rule, src.allow)]
+        return [RuleSource(src.category, src.file, self._lines.get(rule, 0), rule, src.allow)]
 
     @staticmethod
     def _merge(current: RuleEntry, sources: list[RuleSource], new: RuleSource) -> RuleEntry:
@@ -166,12 +172,7 @@ class RuleIndex:
         entry, rule, depth = self._find(name)
         if entry is None:
             return NO_MATCH
-        if len(entry.sources) == 1 and "*" not in rule:
-            src = entry.sources[0]
-            line = self._lines.get(rule, src.line)
-            sources: tuple[RuleSource, ...] = (RuleSource(src.category, src.file, line, rule, src.allow),)
-        else:
-            sources = tuple(entry.sources)
+        sources = tuple(self._sources_of(rule, entry))
         categories = frozenset() if entry.allow else entry.categories
         return Match(categories, entry.allow, rule, depth, sources)
 
@@ -234,13 +235,9 @@ class RuleIndex:
     def categories_sizes(self) -> dict[str, int]:
         """Number of rules per category (for `validate` and metrics)."""
         sizes: dict[str, int] = {}
-        for rule, entry in self._exact.items():
-            if rule in self._lines:
-                cat = entry.sources[0].category
-                sizes[cat] = sizes.get(cat, 0) + 1
-            else:
-                for src in entry.sources:
-                    sizes[src.category] = sizes.get(src.category, 0) + 1
+        for entry in self._exact.values():
+            for src in entry.sources:
+                sizes[src.category] = sizes.get(src.category, 0) + 1
         for bucket in self._patterns.values():
             for pattern in bucket:
                 for src in pattern.entry.sources:

@@ -73,6 +73,16 @@ class Stats:
         queries[key] = queries.get(key, 0) + 1
         self.duration.observe(duration)
 
+    def memo_hit(self, transport: str, action: str, category: str | None, group: str, duration: float) -> None:
+        """One query answered as `action` (blocked answers also count per category and group)."""
+        key = (transport, action)
+        queries = self.queries
+        queries[key] = queries.get(key, 0) + 1
+        self.duration.observe(duration)
+        if category is not None and action == "blocked":
+            blocked_key = (category, group)
+            self.blocked[blocked_key] = self.blocked.get(blocked_key, 0) + 1
+
     def block(self, category: str, group: str) -> None:
         key = (category, group)
         self.blocked[key] = self.blocked.get(key, 0) + 1

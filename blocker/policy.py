@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from blocker.blocklists import Blocklists, load_blocklists
+from blocker.blocklists import Blocklists, find_line, load_blocklists
 from blocker.clients import Client, NetworkTable, parse_ecs
 from blocker.config import Config, Device, Exemption
 from blocker.domains import Match, is_valid_name, normalize
@@ -67,8 +67,20 @@ class Policy:
             return categories | {CANARY_CATEGORY}
         return categories
 
+    def is_trusted(self, address: str) -> bool:
+        """Whether a source is a trusted forwarder (its ECS option names the real client)."""
+        try:
+            return self.trusted_table.lookup(ipaddress.ip_address(address.split("%", 1)[0])) is not None
+        except ValueError:
+            return False
+
     def explain(self, qname: str) -> Match:
-        return self.lists.index.lookup(qname)
+        """The matching rule with its file and line (slow path: may read a list file)."""
+        match = self.lists.index.lookup(qname)
+        if any(source.line == 0 for source in match.sources):
+            sources = tuple(replace(s, line=find_line(s.file, s.text)) if s.line == 0 else s for s in match.sources)
+            match = replace(match, sources=sources)
+        return match
 
 
 def compile_policy(config: Config) -> Policy:

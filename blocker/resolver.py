@@ -60,6 +60,7 @@ TCP_MAX = 65535
 MAX_FORWARDS = 4096  # queries waiting on upstreams at once; beyond this, SERVFAIL at once
 _MEMO_LIMIT = 200_000
 _EDE_NO_REACHABLE_AUTHORITY = 22
+_FOREVER = float("inf")
 
 
 class BlockAnswers:
@@ -109,15 +110,22 @@ class BlockAnswers:
 
 
 class PolicyState:
-    """The running policy and what is derived from it; replaced whole on reload."""
+    """The running policy and what is derived from it; replaced whole on reload, so nothing here
+    can outlive the policy it was derived from."""
 
-    __slots__ = ("answers", "categories", "clients", "policy")
+    __slots__ = ("answers", "categories", "clients", "memo", "memo_groups", "policy")
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.answers = BlockAnswers(policy)
         self.clients: dict[tuple[str, bytes | None], Client] = {}
         self.categories: dict[str, frozenset[str]] = {}
+        # Source address -> group, for clients whose answers depend on their group alone: allowed,
+        # not a trusted forwarder (ECS would name someone else), and no exemption (time-dependent).
+        self.memo_groups: dict[str, str] = {}
+        # (transport, group, query bytes after the ID) -> (answer after the ID, action, category, valid until).
+        # Most queries repeat byte for byte; this answers them without parsing or deciding again.
+        self.memo: dict[tuple[str, str, bytes], tuple[bytes, str, str | None, float]] = {}
 
 
 class Resolver:
@@ -142,40 +150,53 @@ class Resolver:
     def handle(self, data: bytes, address: str, transport: str) -> bytes | Coroutine[Any, Any, bytes | None] | None:
         """The answer to one packet: bytes now, None to drop, or a coroutine that forwards it."""
         started = time.perf_counter()
+        state = self.state
+        group = state.memo_groups.get(address)
+        if group is not None:
+            hit = state.memo.get((transport, group, data[2:]))
+            if hit is not None:
+                reply, action, category, valid_until = hit
+                if valid_until == _FOREVER or valid_until > time.monotonic():
+                    self.stats.memo_hit(transport, action, category, group, time.perf_counter() - started)
+                    if action == "allowed":
+                        self.cache.hits += 1
+                    return data[:2] + reply
         try:
             query = read_question(data)
         except WireError:
             self.stats.bad_packet(transport)
-            reply = error_answer(data, RCODE_FORMERR)
             self.stats.query(transport, "error", time.perf_counter() - started)
-            return reply
+            return error_answer(data, RCODE_FORMERR)
         except NotImplementedError:
             self.stats.query(transport, "error", time.perf_counter() - started)
             return error_answer(data, RCODE_NOTIMP)
         except BadVersion as err:
             self.stats.query(transport, "error", time.perf_counter() - started)
             return badvers_answer(err.query)
+        request = _Request(data, query, address, transport, started, state)
         try:
-            return self._answer(query, address, transport, started)
+            return self._answer(request)
         except Exception:
             log.exception("error while answering a query for %s", query.qname)
             self.stats.internal_errors += 1
             self.stats.query(transport, "error", time.perf_counter() - started)
-            return answer(query, RCODE_SERVFAIL, opt=self.state.answers.internal_opt)
+            return answer(query, RCODE_SERVFAIL, opt=state.answers.internal_opt)
 
-    def _answer(self, query: Query, address: str, transport: str,
-                started: float) -> bytes | Coroutine[Any, Any, bytes | None]:
-        state = self.state
+    def _answer(self, request: _Request) -> bytes | Coroutine[Any, Any, bytes | None]:
+        state, query, address = request.state, request.query, request.address
         policy = state.policy
         key = (address, query.ecs)
         client = state.clients.get(key)
         if client is None:
             if len(state.clients) >= _MEMO_LIMIT:
                 state.clients.clear()
+                state.memo_groups.clear()
             client = state.clients[key] = identify(policy, address, query.ecs)
-        stats = self.stats
+            if client.allowed and client.device not in policy.exemptions and not policy.is_trusted(address):
+                state.memo_groups[address] = client.group
+        request.client = client
         if not client.allowed:
-            stats.query(transport, "refused", time.perf_counter() - started)
+            self.stats.query(request.transport, "refused", time.perf_counter() - request.started)
             return answer(query, RCODE_REFUSED, opt=state.answers.refused_opt)
         qname = query.qname
         categories = state.categories.get(qname)
@@ -183,31 +204,41 @@ class Resolver:
             if len(state.categories) >= _MEMO_LIMIT:
                 state.categories.clear()
             categories = state.categories[qname] = policy.categorize(qname)
-        decision = None
         if categories:
             decision = decide_categories(policy, client, qname, categories, datetime.now(UTC))
             if decision.action is Action.BLOCKED:
-                return self._blocked(query, state, decision.category or "", decision.group, decision.canary,
-                                     transport, started)
-        max_size = TCP_MAX if transport == "tcp" else query.max_udp()
+                return self._blocked(request, decision.category or "", decision.canary, remember=True)
+            request.decision = decision
         now = time.monotonic()
         entry = self.cache.get(query.cache_key, now)
         if entry is not None:
-            return self._respond(query, state, client, decision, entry, now, max_size, transport, started)
+            return self._respond(request, entry, now)
         if self.forwarding >= MAX_FORWARDS:
-            stats.query(transport, "error", time.perf_counter() - started)
+            self.stats.query(request.transport, "error", time.perf_counter() - request.started)
             return answer(query, RCODE_SERVFAIL, opt=state.answers.servfail_opt)
-        return self._forward(query, state, client, decision, max_size, transport, started)
+        return self._forward(request)
 
-    def _blocked(self, query: Query, state: PolicyState, category: str, group: str, canary: bool,
-                 transport: str, started: float) -> bytes:
-        reply = state.answers.build(query, category, canary)
-        self.stats.block(category, group)
-        self.stats.query(transport, "blocked", time.perf_counter() - started)
+    def _remember(self, request: _Request, reply: bytes, action: str, category: str | None,
+                  valid_until: float) -> None:
+        """Keep an answer for the same bytes from the same group (only for memo-eligible clients)."""
+        state = request.state
+        if state.memo_groups.get(request.address) is None or state is not self.state:
+            return
+        if len(state.memo) >= _MEMO_LIMIT:
+            state.memo.clear()
+        key = (request.transport, request.client.group, request.data[2:])  # type: ignore[union-attr]
+        state.memo[key] = (reply[2:], action, category, valid_until)
+
+    def _blocked(self, request: _Request, category: str, canary: bool, remember: bool) -> bytes:
+        reply = request.state.answers.build(request.query, category, canary)
+        group = request.client.group  # type: ignore[union-attr]
+        self.stats.memo_hit(request.transport, "blocked", category, group, time.perf_counter() - request.started)
+        if remember:
+            self._remember(request, reply, "blocked", category, _FOREVER)
         return reply
 
-    async def _forward(self, query: Query, state: PolicyState, client: Client, decision: Decision | None,
-                       max_size: int, transport: str, started: float) -> bytes | None:
+    async def _forward(self, request: _Request) -> bytes | None:
+        query = request.query
         key = query.cache_key
         self.forwarding += 1
         try:
@@ -233,38 +264,46 @@ class Resolver:
             wire = None
         finally:
             self.forwarding -= 1
+        state = request.state
         if wire is None:
-            self.stats.query(transport, "error", time.perf_counter() - started)
+            self.stats.query(request.transport, "error", time.perf_counter() - request.started)
             return answer(query, RCODE_SERVFAIL, opt=state.answers.servfail_opt)
         now = time.monotonic()
         try:
             scan = scan_response(wire)
         except WireError:
-            self.stats.query(transport, "error", time.perf_counter() - started)
+            self.stats.query(request.transport, "error", time.perf_counter() - request.started)
             return answer(query, RCODE_SERVFAIL, opt=state.answers.unreadable_opt)
         entry = self.cache.put(key, wire, scan, now)
-        return self._respond(query, state, client, decision, entry, now, max_size, transport, started)
+        return self._respond(request, entry, now)
 
-    def _respond(self, query: Query, state: PolicyState, client: Client, decision: Decision | None,
-                 entry: CacheEntry, now: float, max_size: int, transport: str, started: float) -> bytes:
+    def _respond(self, request: _Request, entry: CacheEntry, now: float) -> bytes:
+        query, client, decision = request.query, request.client, request.decision
+        assert client is not None
         if entry.targets:
-            blocked = self._blocked_target(state, client, entry)
+            blocked = self._blocked_target(request.state, client, entry)
             if blocked is not None:
-                return self._blocked(query, state, blocked.category or "", blocked.group, False,
-                                     transport, started)
+                # Not memoised: whether the chain is blocked is known only with the cache entry.
+                return self._blocked(request, blocked.category or "", False, remember=False)
         exempted = decision is not None and decision.action is Action.EXEMPTED
         rendered = entry.render(now, query.edns, decision.expires_in if exempted else None)  # type: ignore[union-attr]
-        qlen = len(query.question)
         # Our client's ID and its question exactly as it spelled it (0x20 case preserved).
+        qlen = len(query.question)
         reply = query.id + rendered[2:12] + query.question + rendered[12 + qlen:]
+        max_size = TCP_MAX if request.transport == "tcp" else query.max_udp()
         if len(reply) > max_size:
             reply = truncated(query, reply)
+        duration = time.perf_counter() - request.started
         if exempted:
             assert decision is not None
             self.stats.exempt(decision.category or "")
-            self.stats.query(transport, "exempted", time.perf_counter() - started)
-        else:
-            self.stats.query(transport, "allowed", time.perf_counter() - started)
+            self.stats.query(request.transport, "exempted", duration)
+            return reply
+        self.stats.query(request.transport, "allowed", duration)
+        # Valid until the TTLs would tick down a second, or the entry expires.
+        valid_until = min(entry.expires, entry.stored + int(now - entry.stored) + 1)
+        if valid_until > now:
+            self._remember(request, reply, "allowed", None, valid_until)
         return reply
 
     def _blocked_target(self, state: PolicyState, client: Client, entry: CacheEntry) -> Decision | None:
@@ -282,3 +321,20 @@ class Resolver:
             if decision.action is Action.BLOCKED:
                 return decision
         return None
+
+
+class _Request:
+    """One query on its way through the resolver."""
+
+    __slots__ = ("address", "client", "data", "decision", "query", "started", "state", "transport")
+
+    def __init__(self, data: bytes, query: Query, address: str, transport: str, started: float,
+                 state: PolicyState) -> None:
+        self.data = data
+        self.query = query
+        self.address = address
+        self.transport = transport
+        self.started = started
+        self.state = state
+        self.client: Client | None = None
+        self.decision: Decision | None = None

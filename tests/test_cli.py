@@ -110,3 +110,16 @@ policy:
 def test_python_dash_m_and_version() -> None:
     result = blocker("--version")
     assert result.returncode == 0 and result.stdout.startswith("blocker ")
+
+
+def test_check_finds_the_line_of_a_rule_in_a_bulk_include(tmp_path: Path) -> None:
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "bulk.txt").write_text("# bulk list\n" + "".join(f"filler{i}.example\n" for i in range(500))
+                                    + "Target.Example.\n")
+    (lists / "bulk.yaml").write_text("name: bulk\ninclude: [bulk.txt]\n")
+    config = tmp_path / "blocker.yaml"
+    config.write_text("blocklists: lists\npolicy:\n  groups:\n    standard: {block: [bulk]}\n")
+    result = blocker("check", "www.target.example", "--config", str(config))
+    assert result.returncode == 1
+    assert f"target.example  [bulk]  {lists / 'bulk.txt'}:502" in result.stdout
