@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -128,14 +127,12 @@ def default_groups() -> dict[str, Group]:
 
 
 def shipped_blocklists() -> Path:
-    """The `blocklists/` folder installed with the package (or beside it in a checkout)."""
-    try:
-        installed = Path(str(resources.files("blocker.blocklists")))
-        if installed.is_dir() and any(installed.glob("*.yaml")):
-            return installed
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "blocklists"
+    """The `blocklists/` folder installed with the package (or at the top of a checkout)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "blocklists"  # where the wheel puts them (pyproject maps blocklists/ there)
+    if installed.is_dir():
+        return installed
+    return here.parent / "blocklists"
 
 
 def system_upstreams(resolv_conf: Path = Path("/etc/resolv.conf")) -> tuple[Endpoint, ...]:

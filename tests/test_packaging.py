@@ -1,0 +1,31 @@
+"""A wheel install carries the shipped blocklists: the embedded defaults work outside a checkout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import ROOT
+
+
+def test_wheel_install_finds_shipped_blocklists(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                    str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
+    [wheel] = wheels.glob("blocker-*.whl")
+    venv = tmp_path / "venv"
+    # System site-packages give the venv its dependencies; the project itself comes only from the wheel.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([str(venv / "bin" / "blocker"), "validate"], cwd=elsewhere, capture_output=True,
+                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "site-packages/blocker/blocklists/tiktok.yaml: category tiktok:" in result.stdout
+    where = subprocess.run([str(python), "-c", "import blocker; print(blocker.__file__)"], cwd=elsewhere,
+                           capture_output=True, text=True, check=True).stdout
+    assert str(venv) in where  # the installed copy, not the checkout
