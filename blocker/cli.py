@@ -89,7 +89,7 @@ def _is_ip(text: str) -> bool:
 
 
 def _report(policy: Policy, client: Client, qname: str, decision: Decision) -> dict[str, object]:
-    match = policy.explain(qname)
+    match = decision.rule or policy.explain(qname)
     report: dict[str, object] = {
         "domain": qname,
         "action": decision.action.value,
@@ -122,6 +122,7 @@ def _report(policy: Policy, client: Client, qname: str, decision: Decision) -> d
             "reference": exemption.reference,
             "reason": exemption.reason,
             "expires": exemption.expires.isoformat(),
+            "starts": exemption.starts.isoformat() if exemption.starts else None,
             "file": exemption.file,
             "line": exemption.line,
         }
@@ -170,6 +171,9 @@ def run_validate(config: Path | None) -> int:
             if exemption.expires <= now:
                 print(f"{where}: exemption {exemption.reference} for {exemption.device} expired on "
                       f"{exemption.expires.isoformat()} (warning)")
+            elif exemption.starts is not None and exemption.starts > now:
+                print(f"{where}: exemption {exemption.reference} for {exemption.device} starts on "
+                      f"{exemption.starts.isoformat()} (note)")
             elif exemption.expires - now <= EXPIRY_WARNING:
                 print(f"{where}: exemption {exemption.reference} for {exemption.device} expires on "
                       f"{exemption.expires.isoformat()}, within 14 days (warning)")

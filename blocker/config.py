@@ -90,8 +90,12 @@ class Exemption:
     reference: str
     reason: str
     expires: datetime
+    starts: datetime | None = None  # optional: a grant approved ahead of the operation it is for
     file: str = ""
     line: int = 0
+
+    def active(self, now: datetime) -> bool:
+        return (self.starts is None or self.starts <= now) and now < self.expires
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +175,7 @@ _DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_t
              "trusted_forwarders", "upstream_timeout"}
 _POLICY_KEYS = {"default_group", "groups", "devices", "exemptions"}
 _DEVICE_KEYS = {"id", "addresses", "group"}
-_EXEMPTION_KEYS = {"device", "allow", "approved_by", "reference", "reason", "expires"}
+_EXEMPTION_KEYS = {"device", "allow", "approved_by", "reference", "reason", "expires", "starts"}
 
 
 def load_config(path: Path | None) -> Config:
@@ -392,6 +396,10 @@ def _exemptions(read: Reader, node: yaml.Node | None, lines: dict[str, int]) -> 
         reference = read.string(fields["reference"], "exemption reference")
         reason = read.string(fields["reason"], "exemption reason")
         expires = read.timestamp(fields["expires"], "exemption expires")
+        starts = read.timestamp(fields["starts"], "exemption starts") if "starts" in fields else None
+        if starts is not None and expires is not None and starts >= expires:
+            read.error(fields["starts"], "exemption starts must be before expires")
+            continue
         values = (device, approved_by, reference, reason)
         if any(v is None for v in values) or expires is None:
             continue
@@ -402,7 +410,7 @@ def _exemptions(read: Reader, node: yaml.Node | None, lines: dict[str, int]) -> 
             read.error(fields["allow"], "exemption allow needs at least one category")
             continue
         exemptions.append(Exemption(device, allow, approved_by, reference, reason,  # type: ignore[arg-type]
-                                    expires, read.file, item.start_mark.line + 1))
+                                    expires, starts, read.file, item.start_mark.line + 1))
     return tuple(exemptions)
 
 

@@ -8,19 +8,23 @@ FILE:LINE: message, counted, and the running policy keeps serving.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+from blocker.audit import ExemptionAudit
 from blocker.cache import AnswerCache
 from blocker.config import Config
 from blocker.errors import ConfigError
 from blocker.httpd import OpsServer
 from blocker.metrics import Gauges, Stats, make_registry
 from blocker.policy import Policy, load_policy
+from blocker.querylog import QueryLog
 from blocker.resolver import Resolver
 from blocker.server import Listeners
 from blocker.upstream import Upstreams
@@ -60,6 +64,9 @@ class Daemon:
         self.upstreams = Upstreams(dns.upstreams, dns.upstream_timeout, self.stats)
         self.resolver = Resolver(policy, self.cache, self.upstreams, self.stats)
         self.listeners = Listeners(self.resolver)
+        self.audit = ExemptionAudit()
+        self.querylog: QueryLog | None = None
+        self._configure_querylog(policy)
         self.ops: OpsServer | None = None
         self.ready = False
         self.stopping = asyncio.Event()
@@ -90,6 +97,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         self.stats.reloaded(True)
+        self._audit(self.audit.update(self.policy.config.policy.exemptions, datetime.now(UTC), self.policy.version))
         self.ready = True
         policy = self.policy
         log.info("ready pid=%d policy=%s config=%s categories=%d rules=%d upstreams=%s", os.getpid(),
@@ -104,8 +112,32 @@ class Daemon:
         if self.ops is not None:
             self.ops.stop()
         self.upstreams.close()
+        if self.querylog is not None:
+            self.querylog.close()
         log.info("stopped")
         return 0
+
+    def _configure_querylog(self, policy: Policy) -> None:
+        settings = policy.config.query_log
+        current = self.querylog
+        if current is not None and (settings.path != current.path):
+            current.close()
+            current = None
+        if settings.path is None:
+            self.querylog = None
+        elif current is None:
+            self.querylog = QueryLog(settings.path, settings.only_blocked)
+            self.querylog.start()
+        else:
+            current.only_blocked = settings.only_blocked
+            current.reopen()  # after a SIGHUP from logrotate, write to the new file
+        self.resolver.querylog = self.querylog
+        self.stats.querylog = self.querylog
+
+    @staticmethod
+    def _audit(events: list[dict[str, object]]) -> None:
+        for event in events:
+            log.info("audit %s", json.dumps(event, separators=(",", ":")))
 
     def _cache_numbers(self) -> tuple[int, int, int, int]:
         cache = self.cache
@@ -149,11 +181,15 @@ class Daemon:
             log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
         self.resolver.swap(policy)
         self.policy = policy
+        self._configure_querylog(policy)
+        self._audit(self.audit.update(new.policy.exemptions, datetime.now(UTC), policy.version))
 
     async def _watch_files(self) -> None:
-        """Poll the config and list files: a Kubernetes ConfigMap swaps a symlink, no inotify event."""
+        """Poll the config and list files (a Kubernetes ConfigMap swaps a symlink, no inotify event),
+        and record exemptions that start or expire: they do so at their timestamps, with no reload."""
         while True:
             await asyncio.sleep(POLL_SECONDS)
+            self._audit(self.audit.tick(datetime.now(UTC), self.resolver.policy.version))
             signature = file_signature(self.resolver.policy, self.config_path)
             if signature != self._signature:
                 self._signature = signature

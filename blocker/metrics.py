@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -66,15 +67,10 @@ class Stats:
         self.last_reload_success = 0.0
         self.tcp_connections = 0
         self.internal_errors = 0
+        self.querylog: Any = None  # the QueryLog, when one is configured
 
-    def query(self, transport: str, action: str, duration: float) -> None:
-        key = (transport, action)
-        queries = self.queries
-        queries[key] = queries.get(key, 0) + 1
-        self.duration.observe(duration)
-
-    def memo_hit(self, transport: str, action: str, category: str | None, group: str, duration: float) -> None:
-        """One query answered as `action` (blocked answers also count per category and group)."""
+    def answered(self, transport: str, action: str, category: str | None, group: str, duration: float) -> None:
+        """One query answered as `action`; a blocked one also counts under its category and group."""
         key = (transport, action)
         queries = self.queries
         queries[key] = queries.get(key, 0) + 1
@@ -82,10 +78,6 @@ class Stats:
         if category is not None and action == "blocked":
             blocked_key = (category, group)
             self.blocked[blocked_key] = self.blocked.get(blocked_key, 0) + 1
-
-    def block(self, category: str, group: str) -> None:
-        key = (category, group)
-        self.blocked[key] = self.blocked.get(key, 0) + 1
 
     def exempt(self, category: str) -> None:
         self.exempted[category] = self.exempted.get(category, 0) + 1
@@ -158,6 +150,10 @@ class BlockerCollector(Collector):
         yield _counter("blocker_dns_cache_evictions", "Entries pushed out of the full cache.", evictions)
         yield _gauge("blocker_dns_cache_entries", "Answers held in the cache.", entries)
         yield _gauge("blocker_dns_tcp_connections", "Open client TCP connections.", stats.tcp_connections)
+        querylog = stats.querylog
+        yield _counter("blocker_querylog_written", "Query-log entries written.", querylog.written if querylog else 0)
+        yield _counter("blocker_querylog_dropped", "Query-log entries dropped because the writer fell behind.",
+                       querylog.dropped if querylog else 0)
         family = CounterMetricFamily("blocker_upstream_queries", "Queries sent upstream, by upstream and result.",
                                      labels=["upstream", "result"])
         for (name, result), value in stats.upstream_results.copy().items():
@@ -195,7 +191,7 @@ def _policy_families(policy: object) -> Iterator[object]:
         family.add_metric([category], sizes.get(category, 0))
     yield family
     now = datetime.now(UTC)
-    active = sum(1 for items in policy.exemptions.values() for e in items if e.expires > now)
+    active = sum(1 for items in policy.exemptions.values() for e in items if e.active(now))
     yield _gauge("blocker_exemptions_active", "Exemptions in force now.", active)
     info = InfoMetricFamily("blocker_policy", "The running policy's version.")
     info.add_metric([], {"version": policy.version})

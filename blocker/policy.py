@@ -42,6 +42,7 @@ class Decision:
     exemption: Exemption | None = None
     expires_in: float | None = None  # seconds an exempted answer may live
     canary: bool = False
+    rule: Match | None = None  # the matching rule with file and line (filled by `decide`, not the hot path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,10 +164,16 @@ def identify(policy: Policy, address: str, ecs: bytes | None = None) -> Client:
 
 
 def decide(policy: Policy, client: Client, qname: str, now: datetime) -> Decision:
-    """The decision for one normalised name and one client at time `now` (timezone-aware)."""
+    """The decision for one normalised name and one client at time `now` (timezone-aware).
+
+    The resolver runs the same two steps apart (`Policy.categorize`, then `decide_categories`) so it
+    can memoise the first; `blocker check` and the proxy addon call this.
+    """
     if not client.allowed:
         return Decision(Action.REFUSED, client.group)
-    return decide_categories(policy, client, qname, policy.categorize(qname), now)
+    match = policy.explain(qname)
+    categories = match.categories | {CANARY_CATEGORY} if qname in CANARY_NAMES else match.categories
+    return replace(decide_categories(policy, client, qname, categories, now), rule=match)
 
 
 def decide_categories(policy: Policy, client: Client, qname: str, categories: frozenset[str],
@@ -184,7 +191,7 @@ def decide_categories(policy: Policy, client: Client, qname: str, categories: fr
     remaining = set(hit)
     if granted:
         for exemption in granted:
-            if exemption.expires > now and remaining.intersection(exemption.allow):
+            if exemption.active(now) and remaining.intersection(exemption.allow):
                 used.append(exemption)
                 remaining.difference_update(exemption.allow)
     if remaining:

@@ -52,6 +52,7 @@ from blocker.message import (
 )
 from blocker.metrics import Stats
 from blocker.policy import Action, Decision, Policy, decide_categories, identify
+from blocker.querylog import QueryLog
 from blocker.upstream import Upstreams
 
 log = logging.getLogger("blocker")
@@ -113,19 +114,19 @@ class PolicyState:
     """The running policy and what is derived from it; replaced whole on reload, so nothing here
     can outlive the policy it was derived from."""
 
-    __slots__ = ("answers", "categories", "clients", "memo", "memo_groups", "policy")
+    __slots__ = ("answers", "categories", "clients", "memo", "memo_clients", "policy")
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.answers = BlockAnswers(policy)
         self.clients: dict[tuple[str, bytes | None], Client] = {}
         self.categories: dict[str, frozenset[str]] = {}
-        # Source address -> group, for clients whose answers depend on their group alone: allowed,
+        # Source address -> client, for clients whose answers depend on their group alone: allowed,
         # not a trusted forwarder (ECS would name someone else), and no exemption (time-dependent).
-        self.memo_groups: dict[str, str] = {}
-        # (transport, group, query bytes after the ID) -> (answer after the ID, action, category, valid until).
+        self.memo_clients: dict[str, Client] = {}
+        # (transport, group, query bytes after the ID) -> the answer after the ID and what to record.
         # Most queries repeat byte for byte; this answers them without parsing or deciding again.
-        self.memo: dict[tuple[str, str, bytes], tuple[bytes, str, str | None, float]] = {}
+        self.memo: dict[tuple[str, str, bytes], _Memo] = {}
 
 
 class Resolver:
@@ -137,6 +138,7 @@ class Resolver:
         self.upstreams = upstreams
         self.stats = stats
         self.forwarding = 0
+        self.querylog: QueryLog | None = None
         self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
 
     @property
@@ -151,27 +153,29 @@ class Resolver:
         """The answer to one packet: bytes now, None to drop, or a coroutine that forwards it."""
         started = time.perf_counter()
         state = self.state
-        group = state.memo_groups.get(address)
-        if group is not None:
-            hit = state.memo.get((transport, group, data[2:]))
-            if hit is not None:
-                reply, action, category, valid_until = hit
-                if valid_until == _FOREVER or valid_until > time.monotonic():
-                    self.stats.memo_hit(transport, action, category, group, time.perf_counter() - started)
-                    if action == "allowed":
-                        self.cache.hits += 1
-                    return data[:2] + reply
+        client = state.memo_clients.get(address)
+        if client is not None:
+            hit = state.memo.get((transport, client.group, data[2:]))
+            if hit is not None and (hit.valid_until == _FOREVER or hit.valid_until > time.monotonic()):
+                self.stats.answered(transport, hit.action, hit.category, client.group, time.perf_counter() - started)
+                if hit.action == "allowed":
+                    self.cache.hits += 1
+                reply = data[:2] + hit.reply
+                if self.querylog is not None:
+                    self._log(address, client, hit.qname, hit.qtype, hit.action, hit.categories, None, reply,
+                              started)
+                return reply
         try:
             query = read_question(data)
         except WireError:
             self.stats.bad_packet(transport)
-            self.stats.query(transport, "error", time.perf_counter() - started)
+            self.stats.answered(transport, "error", None, "", time.perf_counter() - started)
             return error_answer(data, RCODE_FORMERR)
         except NotImplementedError:
-            self.stats.query(transport, "error", time.perf_counter() - started)
+            self.stats.answered(transport, "error", None, "", time.perf_counter() - started)
             return error_answer(data, RCODE_NOTIMP)
         except BadVersion as err:
-            self.stats.query(transport, "error", time.perf_counter() - started)
+            self.stats.answered(transport, "error", None, "", time.perf_counter() - started)
             return badvers_answer(err.query)
         request = _Request(data, query, address, transport, started, state)
         try:
@@ -179,8 +183,28 @@ class Resolver:
         except Exception:
             log.exception("error while answering a query for %s", query.qname)
             self.stats.internal_errors += 1
-            self.stats.query(transport, "error", time.perf_counter() - started)
-            return answer(query, RCODE_SERVFAIL, opt=state.answers.internal_opt)
+            return self._done(request, answer(query, RCODE_SERVFAIL, opt=state.answers.internal_opt), "error")
+
+    def _done(self, request: _Request, reply: bytes, action: str, category: str | None = None,
+              categories: frozenset[str] = frozenset(), exemption: str | None = None) -> bytes:
+        """Record one answered query (metrics, query log) and return its answer."""
+        client = request.client
+        group = client.group if client is not None else ""
+        self.stats.answered(request.transport, action, category, group, time.perf_counter() - request.started)
+        if self.querylog is not None:
+            self._log(request.address, client, request.query.qname, request.query.qtype, action,
+                      tuple(sorted(categories)), exemption, reply, request.started)
+        return reply
+
+    def _log(self, address: str, client: Client | None, qname: str, qtype: int, action: str,
+             categories: tuple[str, ...], exemption: str | None, reply: bytes, started: float) -> None:
+        querylog = self.querylog
+        assert querylog is not None
+        if querylog.only_blocked and action not in ("blocked", "exempted"):
+            return
+        querylog.put((time.time(), address, client.device if client else None, qname, qtype, action, categories,
+                      client.group if client else "", exemption, self.state.policy.version,
+                      time.perf_counter() - started, reply[3] & 0xF))
 
     def _answer(self, request: _Request) -> bytes | Coroutine[Any, Any, bytes | None]:
         state, query, address = request.state, request.query, request.address
@@ -190,14 +214,13 @@ class Resolver:
         if client is None:
             if len(state.clients) >= _MEMO_LIMIT:
                 state.clients.clear()
-                state.memo_groups.clear()
+                state.memo_clients.clear()
             client = state.clients[key] = identify(policy, address, query.ecs)
             if client.allowed and client.device not in policy.exemptions and not policy.is_trusted(address):
-                state.memo_groups[address] = client.group
+                state.memo_clients[address] = client
         request.client = client
         if not client.allowed:
-            self.stats.query(request.transport, "refused", time.perf_counter() - request.started)
-            return answer(query, RCODE_REFUSED, opt=state.answers.refused_opt)
+            return self._done(request, answer(query, RCODE_REFUSED, opt=state.answers.refused_opt), "refused")
         qname = query.qname
         categories = state.categories.get(qname)
         if categories is None:
@@ -207,35 +230,34 @@ class Resolver:
         if categories:
             decision = decide_categories(policy, client, qname, categories, datetime.now(UTC))
             if decision.action is Action.BLOCKED:
-                return self._blocked(request, decision.category or "", decision.canary, remember=True)
+                return self._blocked(request, decision, remember=True)
             request.decision = decision
         now = time.monotonic()
         entry = self.cache.get(query.cache_key, now)
         if entry is not None:
             return self._respond(request, entry, now)
         if self.forwarding >= MAX_FORWARDS:
-            self.stats.query(request.transport, "error", time.perf_counter() - request.started)
-            return answer(query, RCODE_SERVFAIL, opt=state.answers.servfail_opt)
+            return self._done(request, answer(query, RCODE_SERVFAIL, opt=state.answers.servfail_opt), "error")
         return self._forward(request)
 
     def _remember(self, request: _Request, reply: bytes, action: str, category: str | None,
-                  valid_until: float) -> None:
+                  categories: frozenset[str], valid_until: float) -> None:
         """Keep an answer for the same bytes from the same group (only for memo-eligible clients)."""
         state = request.state
-        if state.memo_groups.get(request.address) is None or state is not self.state:
+        if state.memo_clients.get(request.address) is None or state is not self.state:
             return
         if len(state.memo) >= _MEMO_LIMIT:
             state.memo.clear()
         key = (request.transport, request.client.group, request.data[2:])  # type: ignore[union-attr]
-        state.memo[key] = (reply[2:], action, category, valid_until)
+        state.memo[key] = _Memo(reply[2:], action, category, valid_until, request.query.qname, request.query.qtype,
+                                tuple(sorted(categories)))
 
-    def _blocked(self, request: _Request, category: str, canary: bool, remember: bool) -> bytes:
-        reply = request.state.answers.build(request.query, category, canary)
-        group = request.client.group  # type: ignore[union-attr]
-        self.stats.memo_hit(request.transport, "blocked", category, group, time.perf_counter() - request.started)
+    def _blocked(self, request: _Request, decision: Decision, remember: bool) -> bytes:
+        category = decision.category or ""
+        reply = request.state.answers.build(request.query, category, decision.canary)
         if remember:
-            self._remember(request, reply, "blocked", category, _FOREVER)
-        return reply
+            self._remember(request, reply, "blocked", category, decision.categories, _FOREVER)
+        return self._done(request, reply, "blocked", category, decision.categories)
 
     async def _forward(self, request: _Request) -> bytes | None:
         query = request.query
@@ -266,14 +288,12 @@ class Resolver:
             self.forwarding -= 1
         state = request.state
         if wire is None:
-            self.stats.query(request.transport, "error", time.perf_counter() - request.started)
-            return answer(query, RCODE_SERVFAIL, opt=state.answers.servfail_opt)
+            return self._done(request, answer(query, RCODE_SERVFAIL, opt=state.answers.servfail_opt), "error")
         now = time.monotonic()
         try:
             scan = scan_response(wire)
         except WireError:
-            self.stats.query(request.transport, "error", time.perf_counter() - request.started)
-            return answer(query, RCODE_SERVFAIL, opt=state.answers.unreadable_opt)
+            return self._done(request, answer(query, RCODE_SERVFAIL, opt=state.answers.unreadable_opt), "error")
         entry = self.cache.put(key, wire, scan, now)
         return self._respond(request, entry, now)
 
@@ -284,7 +304,7 @@ class Resolver:
             blocked = self._blocked_target(request.state, client, entry)
             if blocked is not None:
                 # Not memoised: whether the chain is blocked is known only with the cache entry.
-                return self._blocked(request, blocked.category or "", False, remember=False)
+                return self._blocked(request, blocked, remember=False)
         exempted = decision is not None and decision.action is Action.EXEMPTED
         rendered = entry.render(now, query.edns, decision.expires_in if exempted else None)  # type: ignore[union-attr]
         # Our client's ID and its question exactly as it spelled it (0x20 case preserved).
@@ -293,18 +313,17 @@ class Resolver:
         max_size = TCP_MAX if request.transport == "tcp" else query.max_udp()
         if len(reply) > max_size:
             reply = truncated(query, reply)
-        duration = time.perf_counter() - request.started
+        categories = decision.categories if decision is not None else frozenset()
         if exempted:
-            assert decision is not None
+            assert decision is not None and decision.exemption is not None
             self.stats.exempt(decision.category or "")
-            self.stats.query(request.transport, "exempted", duration)
-            return reply
-        self.stats.query(request.transport, "allowed", duration)
+            return self._done(request, reply, "exempted", decision.category, categories,
+                              decision.exemption.reference)
         # Valid until the TTLs would tick down a second, or the entry expires.
         valid_until = min(entry.expires, entry.stored + int(now - entry.stored) + 1)
         if valid_until > now:
-            self._remember(request, reply, "allowed", None, valid_until)
-        return reply
+            self._remember(request, reply, "allowed", None, categories, valid_until)
+        return self._done(request, reply, "allowed", None, categories)
 
     def _blocked_target(self, state: PolicyState, client: Client, entry: CacheEntry) -> Decision | None:
         """The decision that blocks one of the answer's CNAME targets for this client, if any."""
@@ -321,6 +340,22 @@ class Resolver:
             if decision.action is Action.BLOCKED:
                 return decision
         return None
+
+
+class _Memo:
+    """A remembered answer and what to record when it is served again."""
+
+    __slots__ = ("action", "categories", "category", "qname", "qtype", "reply", "valid_until")
+
+    def __init__(self, reply: bytes, action: str, category: str | None, valid_until: float, qname: str, qtype: int,
+                 categories: tuple[str, ...]) -> None:
+        self.reply = reply
+        self.action = action
+        self.category = category
+        self.valid_until = valid_until
+        self.qname = qname
+        self.qtype = qtype
+        self.categories = categories
 
 
 class _Request:

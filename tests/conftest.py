@@ -14,7 +14,7 @@ SHIPPED = ROOT / "blocklists"
 
 @pytest.fixture(scope="session")
 def knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Knot]:
-    server = Knot(tmp_path_factory.mktemp("knot"), ["example.test", "tiktok.com"]).start()
+    server = Knot(tmp_path_factory.mktemp("knot"), ["example.test", "tiktok.com", "fbcdn.net", "whatsapp.com"]).start()
     yield server
     server.stop()
 
