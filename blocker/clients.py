@@ -32,9 +32,15 @@ class NetworkTable(Generic[T]):
     def __init__(self, entries: Iterable[tuple[IPNetwork, T]]) -> None:
         # (version, prefixlen) -> {network int: value}
         self._by_prefix: dict[tuple[int, int], dict[int, T]] = {}
+        self.duplicates: list[IPNetwork] = []  # the same network given twice (the first keeps it)
         for network, value in entries:
             table = self._by_prefix.setdefault((network.version, network.prefixlen), {})
-            table.setdefault(int(network.network_address), value)
+            key = int(network.network_address)
+            if key in table:
+                if table[key] != value:
+                    self.duplicates.append(network)
+                continue
+            table[key] = value
         self._prefixes = {
             version: sorted((p for v, p in self._by_prefix if v == version), reverse=True)
             for version in (4, 6)
@@ -52,15 +58,24 @@ class NetworkTable(Generic[T]):
         return None
 
     def overlaps(self) -> list[tuple[IPNetwork, IPNetwork]]:
-        """Pairs of networks where one contains the other (for `validate`)."""
-        networks = [ipaddress.ip_network((net, prefix)) for (version, prefix), table in self._by_prefix.items()
-                    for net in table]
-        out = []
-        networks.sort(key=lambda n: (n.version, n.prefixlen))
-        for i, outer in enumerate(networks):
-            for inner in networks[i + 1:]:
-                if inner.version == outer.version and inner != outer and inner.subnet_of(outer):  # type: ignore[arg-type]
-                    out.append((outer, inner))
+        """Pairs (outer, inner) where one network contains another, in O(n log n) (for `validate`)."""
+        out: list[tuple[IPNetwork, IPNetwork]] = []
+        for version in (4, 6):
+            bits = 32 if version == 4 else 128
+            spans = sorted((start, prefix) for (v, prefix), table in self._by_prefix.items() if v == version
+                           for start in table)
+            open_spans: list[tuple[int, int, int]] = []  # (start, end, prefix) of networks that may still contain
+            for start, prefix in spans:
+                end = start + (1 << (bits - prefix)) - 1
+                while open_spans and open_spans[-1][1] < start:
+                    open_spans.pop()
+                if open_spans:
+                    outer_start, _outer_end, outer_prefix = open_spans[-1]
+                    out.append((ipaddress.ip_network((outer_start, outer_prefix)) if version == 4
+                                else ipaddress.IPv6Network((outer_start, outer_prefix)),
+                                ipaddress.ip_network((start, prefix)) if version == 4
+                                else ipaddress.IPv6Network((start, prefix))))
+                open_spans.append((start, end, prefix))
         return out
 
 

@@ -112,6 +112,9 @@ def compile_policy(config: Config) -> Policy:
         exemptions.setdefault(exemption.device, []).append(exemption)
     device_table = NetworkTable((network, device) for device in config.policy.devices
                                 for network in device.addresses)
+    for network in device_table.duplicates:
+        warnings.append(Problem(source, config.lines.get("policy", 1),
+                                f"device address {network} is given to two devices (the first listed keeps it)"))
     for outer, inner in device_table.overlaps():
         warnings.append(Problem(source, config.lines.get("policy", 1),
                                 f"device addresses overlap: {inner} lies inside {outer} (the narrower wins)"))

@@ -99,3 +99,36 @@ def test_groups_naming_unknown_categories_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         compile_policy(load_config(path))
     assert str(caught.value) == f"{path}:4: group 'standard' blocks unknown category 'tikotk'"
+
+
+def test_thirty_thousand_devices_index_by_prefix_length(tmp_path: Path) -> None:
+    devices = "\n".join(f'    - {{id: MPS-{i:06d}, addresses: ["10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"], '
+                        f'group: comms-team}}' for i in range(30_000))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"blocklists: \"{ROOT / 'blocklists'}\"\npolicy:\n  devices:\n{devices}\n"
+                    '    - {id: POOL, addresses: ["10.200.0.0/16", "10.201.0.0/24"], group: comms-team}\n')
+    policy = compile_policy(load_config(path))
+    assert identify(policy, "10.0.117.47").device == f"MPS-{117 * 256 + 47:06d}"
+    assert identify(policy, "10.200.9.9").device == "POOL"
+    assert identify(policy, "10.202.0.1").device is None
+    # A lookup probes one dictionary per distinct prefix length, however many devices there are.
+    assert policy.device_table._prefixes[4] == [32, 24, 16]
+
+
+def test_validate_reports_overlapping_and_duplicate_device_addresses(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"""blocklists: "{ROOT / 'blocklists'}"
+policy:
+  devices:
+    - {{id: A, addresses: ["10.8.0.0/24"], group: standard}}
+    - {{id: B, addresses: ["10.8.0.7"], group: comms-team}}
+    - {{id: C, addresses: ["10.9.0.1"], group: standard}}
+    - {{id: D, addresses: ["10.9.0.1"], group: standard}}
+    - {{id: E, addresses: ["fd00::/64"], group: standard}}
+    - {{id: F, addresses: ["fd00::9"], group: standard}}
+""")
+    warnings = [p.message for p in compile_policy(load_config(path)).warnings]
+    assert "device address 10.9.0.1/32 is given to two devices (the first listed keeps it)" in warnings
+    assert "device addresses overlap: 10.8.0.7/32 lies inside 10.8.0.0/24 (the narrower wins)" in warnings
+    assert "device addresses overlap: fd00::9/128 lies inside fd00::/64 (the narrower wins)" in warnings
+    assert len(warnings) == 3
