@@ -293,3 +293,28 @@ def test_reload_under_load_drops_no_query(knot: Knot, tmp_path: Path) -> None:
     assert reload_times
     print(f"reloads: {len(reload_times)}, median {sorted(reload_times)[len(reload_times) // 2]} ms, "
           f"max {max(reload_times)} ms; answers: {len(answers)}; lost: {len(lost)}")
+
+
+def test_configmap_style_symlink_swap_is_seen(knot: Knot, tmp_path: Path) -> None:
+    """Kubernetes mounts a ConfigMap as symlinks into a `..data` directory that it swaps atomically."""
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    first = standard_config(tmp_path, [knot.endpoint], name="first.yaml")
+    version_a = mount / "..2026_11_22_a"
+    version_a.mkdir()
+    (version_a / "blocker.yaml").write_text(first.read_text())
+    (mount / "..data").symlink_to(version_a.name)
+    (mount / "blocker.yaml").symlink_to("..data/blocker.yaml")
+    server = Blocker(mount / "blocker.yaml").start()
+    try:
+        assert rcode_text(server.query("www.tiktok.com")) == "NXDOMAIN"
+        version_b = mount / "..2026_11_22_b"
+        version_b.mkdir()
+        (version_b / "blocker.yaml").write_text(first.read_text() + "policy:\n  groups:\n    standard: {block: [doh]}\n")
+        mark = len(server.lines)
+        (mount / "..data_tmp").symlink_to(version_b.name)
+        os.replace(mount / "..data_tmp", mount / "..data")  # the atomic swap kubelet does
+        server.wait_for_log(r"reloaded \(file change\)", after=mark)
+        assert rcode_text(server.query("www.tiktok.com")) == "NOERROR"
+    finally:
+        server.stop()
