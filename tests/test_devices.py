@@ -310,7 +310,8 @@ def test_configmap_style_symlink_swap_is_seen(knot: Knot, tmp_path: Path) -> Non
         assert rcode_text(server.query("www.tiktok.com")) == "NXDOMAIN"
         version_b = mount / "..2026_11_22_b"
         version_b.mkdir()
-        (version_b / "blocker.yaml").write_text(first.read_text() + "policy:\n  groups:\n    standard: {block: [doh]}\n")
+        opened = first.read_text() + "policy:\n  groups:\n    standard: {block: [doh]}\n"
+        (version_b / "blocker.yaml").write_text(opened)
         mark = len(server.lines)
         (mount / "..data_tmp").symlink_to(version_b.name)
         os.replace(mount / "..data_tmp", mount / "..data")  # the atomic swap kubelet does
