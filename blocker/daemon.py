@@ -153,14 +153,18 @@ class Daemon:
             except ConfigError as err:
                 log_problems(f"reload ({why}) rejected, keeping policy {self.resolver.policy.version}", err)
                 self.stats.reloaded(False)
+                first = err.problems[0]
+                self.stats.last_reload_error = (first.file, first.line, first.message)
                 self._signature = file_signature(self.resolver.policy, self.config_path)
                 return False
-            except Exception:
+            except Exception as err:
                 log.exception("reload (%s) failed, keeping policy %s", why, self.resolver.policy.version)
                 self.stats.reloaded(False)
+                self.stats.last_reload_error = (str(self.config_path or ""), 0, f"internal error: {err}")
                 return False
             self._apply(policy)
             self.stats.reloaded(True)
+            self.stats.last_reload_error = None
             self._signature = file_signature(policy)
             log.info("reloaded (%s) policy=%s in %.0f ms", why, policy.version,
                      (time.perf_counter() - started) * 1000)

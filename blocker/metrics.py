@@ -68,6 +68,7 @@ class Stats:
         self.tcp_connections = 0
         self.internal_errors = 0
         self.querylog: Any = None  # the QueryLog, when one is configured
+        self.last_reload_error: tuple[str, int, str] | None = None  # (file, line, message) while failing
 
     def answered(self, transport: str, action: str, category: str | None, group: str, duration: float) -> None:
         """One query answered as `action`; a blocked one also counts under its category and group."""
@@ -171,6 +172,13 @@ class BlockerCollector(Collector):
         yield family
         yield _gauge("blocker_config_last_reload_success_timestamp_seconds",
                      "When the running policy was loaded (Unix time).", stats.last_reload_success)
+        error = stats.last_reload_error
+        family = GaugeMetricFamily("blocker_config_last_reload_error",
+                                   "1 while the last reload failed, with its first problem (file, line, message).",
+                                   labels=["file", "line", "message"])
+        if error is not None:
+            family.add_metric([error[0], str(error[1]), error[2][:200]], 1)
+        yield family
         policy = self.gauges.policy()
         if policy is not None:
             yield from _policy_families(policy)
@@ -180,7 +188,7 @@ class BlockerCollector(Collector):
 
 
 def _policy_families(policy: object) -> Iterator[object]:
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     from blocker.policy import Policy
 
@@ -191,8 +199,13 @@ def _policy_families(policy: object) -> Iterator[object]:
         family.add_metric([category], sizes.get(category, 0))
     yield family
     now = datetime.now(UTC)
-    active = sum(1 for items in policy.exemptions.values() for e in items if e.active(now))
-    yield _gauge("blocker_exemptions_active", "Exemptions in force now.", active)
+    exemptions = [e for items in policy.exemptions.values() for e in items]
+    active = [e for e in exemptions if e.active(now)]
+    yield _gauge("blocker_exemptions_active", "Exemptions in force now.", len(active))
+    soon = now + timedelta(days=7)
+    yield _gauge("blocker_exemptions_expiring", "Exemptions in force now that expire within 7 days.",
+                 sum(1 for e in active if e.expires <= soon))
+    yield _gauge("blocker_devices", "Devices in the running policy.", len(policy.devices))
     info = InfoMetricFamily("blocker_policy", "The running policy's version.")
     info.add_metric([], {"version": policy.version})
     yield info
