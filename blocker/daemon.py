@@ -151,20 +151,21 @@ class Daemon:
             try:
                 policy = await loop.run_in_executor(None, load_policy, self.config_path)
             except ConfigError as err:
-                log_problems(f"reload ({why}) rejected, keeping policy {self.resolver.policy.version}", err)
-                self.stats.reloaded(False)
+                # Metrics first: whoever reads the log line may scrape at once.
                 first = err.problems[0]
                 self.stats.last_reload_error = (first.file, first.line, first.message)
+                self.stats.reloaded(False)
+                log_problems(f"reload ({why}) rejected, keeping policy {self.resolver.policy.version}", err)
                 self._signature = file_signature(self.resolver.policy, self.config_path)
                 return False
             except Exception as err:
-                log.exception("reload (%s) failed, keeping policy %s", why, self.resolver.policy.version)
-                self.stats.reloaded(False)
                 self.stats.last_reload_error = (str(self.config_path or ""), 0, f"internal error: {err}")
+                self.stats.reloaded(False)
+                log.exception("reload (%s) failed, keeping policy %s", why, self.resolver.policy.version)
                 return False
             self._apply(policy)
-            self.stats.reloaded(True)
             self.stats.last_reload_error = None
+            self.stats.reloaded(True)
             self._signature = file_signature(policy)
             log.info("reloaded (%s) policy=%s in %.0f ms", why, policy.version,
                      (time.perf_counter() - started) * 1000)

@@ -25,6 +25,7 @@ from blocker import __version__
 
 # 0.25 ms doubling to ~8 s: cached answers take well under a millisecond.
 TIME_BUCKETS = tuple(0.00025 * 2 ** i for i in range(16))
+_FIRST_BUCKET = TIME_BUCKETS[0]
 RELOAD_RESULTS = ("success", "failure")
 
 
@@ -38,7 +39,11 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(TIME_BUCKETS, value)] += 1
+        # Nearly every answer (blocked, cached) lands in the first bucket: skip the search for it.
+        if value <= _FIRST_BUCKET:
+            self.counts[0] += 1
+        else:
+            self.counts[bisect_left(TIME_BUCKETS, value)] += 1
         self.sum += value
 
     def buckets(self) -> list[tuple[str, int]]:
@@ -56,8 +61,10 @@ class Stats:
     """The resolver's counters. Written on the event loop, read by the scrape thread."""
 
     def __init__(self) -> None:
-        self.queries: dict[tuple[str, str], int] = {}
-        self.blocked: dict[tuple[str, str], int] = {}
+        # Counters are one-element lists ("cells") so a hot path can keep a reference and add to it
+        # without a dictionary lookup; the collector reads cell[0].
+        self.queries: dict[tuple[str, str], list[int]] = {}
+        self.blocked: dict[tuple[str, str], list[int]] = {}
         self.exempted: dict[str, int] = {}
         self.malformed: dict[str, int] = {}
         self.duration = Histogram()
@@ -70,15 +77,24 @@ class Stats:
         self.querylog: Any = None  # the QueryLog, when one is configured
         self.last_reload_error: tuple[str, int, str] | None = None  # (file, line, message) while failing
 
+    def query_cell(self, transport: str, action: str) -> list[int]:
+        cell = self.queries.get((transport, action))
+        if cell is None:
+            cell = self.queries[(transport, action)] = [0]
+        return cell
+
+    def blocked_cell(self, category: str, group: str) -> list[int]:
+        cell = self.blocked.get((category, group))
+        if cell is None:
+            cell = self.blocked[(category, group)] = [0]
+        return cell
+
     def answered(self, transport: str, action: str, category: str | None, group: str, duration: float) -> None:
         """One query answered as `action`; a blocked one also counts under its category and group."""
-        key = (transport, action)
-        queries = self.queries
-        queries[key] = queries.get(key, 0) + 1
+        self.query_cell(transport, action)[0] += 1
         self.duration.observe(duration)
         if category is not None and action == "blocked":
-            blocked_key = (category, group)
-            self.blocked[blocked_key] = self.blocked.get(blocked_key, 0) + 1
+            self.blocked_cell(category, group)[0] += 1
 
     def exempt(self, category: str) -> None:
         self.exempted[category] = self.exempted.get(category, 0) + 1
@@ -119,13 +135,13 @@ class BlockerCollector(Collector):
         stats = self.stats
         family = CounterMetricFamily("blocker_dns_queries", "DNS queries answered, by transport and action.",
                                      labels=["transport", "action"])
-        for (transport, action), value in stats.queries.copy().items():
-            family.add_metric([transport, action], value)
+        for (transport, action), cell in stats.queries.copy().items():
+            family.add_metric([transport, action], cell[0])
         yield family
         family = CounterMetricFamily("blocker_dns_blocked", "Blocked queries, by the category that blocked "
                                      "them and the client's group.", labels=["category", "group"])
-        for (category, group), value in stats.blocked.copy().items():
-            family.add_metric([category, group], value)
+        for (category, group), cell in stats.blocked.copy().items():
+            family.add_metric([category, group], cell[0])
         yield family
         family = CounterMetricFamily("blocker_dns_exempted", "Queries allowed by an exemption, by category.",
                                      labels=["category"])

@@ -157,9 +157,12 @@ class Resolver:
         if client is not None:
             hit = state.memo.get((transport, client.group, data[2:]))
             if hit is not None and (hit.valid_until == _FOREVER or hit.valid_until > time.monotonic()):
-                self.stats.answered(transport, hit.action, hit.category, client.group, time.perf_counter() - started)
-                if hit.action == "allowed":
+                hit.counter[0] += 1
+                if hit.blocked_counter is not None:
+                    hit.blocked_counter[0] += 1
+                else:
                     self.cache.hits += 1
+                self.stats.duration.observe(time.perf_counter() - started)
                 reply = data[:2] + hit.reply
                 if self.querylog is not None:
                     self._log(address, client, hit.qname, hit.qtype, hit.action, hit.categories, None, reply,
@@ -249,8 +252,10 @@ class Resolver:
         if len(state.memo) >= _MEMO_LIMIT:
             state.memo.clear()
         key = (request.transport, request.client.group, request.data[2:])  # type: ignore[union-attr]
+        stats = self.stats
         state.memo[key] = _Memo(reply[2:], action, category, valid_until, request.query.qname, request.query.qtype,
-                                tuple(sorted(categories)))
+                                tuple(sorted(categories)), stats.query_cell(request.transport, action),
+                                stats.blocked_cell(category, key[1]) if action == "blocked" and category else None)
 
     def _blocked(self, request: _Request, decision: Decision, remember: bool) -> bytes:
         category = decision.category or ""
@@ -345,10 +350,11 @@ class Resolver:
 class _Memo:
     """A remembered answer and what to record when it is served again."""
 
-    __slots__ = ("action", "categories", "category", "qname", "qtype", "reply", "valid_until")
+    __slots__ = ("action", "blocked_counter", "categories", "category", "counter", "qname", "qtype", "reply",
+                 "valid_until")
 
     def __init__(self, reply: bytes, action: str, category: str | None, valid_until: float, qname: str, qtype: int,
-                 categories: tuple[str, ...]) -> None:
+                 categories: tuple[str, ...], counter: list[int], blocked_counter: list[int] | None) -> None:
         self.reply = reply
         self.action = action
         self.category = category
@@ -356,6 +362,9 @@ class _Memo:
         self.qname = qname
         self.qtype = qtype
         self.categories = categories
+        # The metric cells this answer counts in (see Stats): bound once, added to on every hit.
+        self.counter = counter
+        self.blocked_counter = blocked_counter
 
 
 class _Request:

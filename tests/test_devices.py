@@ -266,7 +266,7 @@ def test_reload_under_load_drops_no_query(knot: Knot, tmp_path: Path) -> None:
             if round_ % 3 == 0:
                 config.write_text(text + "  broken: [\n")  # a broken edit first: must be rejected
                 server.signal(signal.SIGHUP)
-                server.wait_for_log(r"rejected", after=mark)
+                server.wait_for_log(r"reload \(SIGHUP\) rejected", after=mark)
                 mark = len(server.lines)
             config.write_text(text)
             if round_ % 2 == 0:

@@ -352,7 +352,7 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_old_policy(knot: Knot, tmp
         config.write_text(good + "  typo_key: 1\n")
         mark = len(server.lines)
         server.signal(signal.SIGHUP)
-        line = server.wait_for_log(r"rejected", after=mark)
+        line = server.wait_for_log(r"reload \(SIGHUP\) rejected", after=mark)
         assert f"{config}:" in line and "unknown key 'typo_key'" in line
         assert rcode_text(server.query("www.example.test")) == "NXDOMAIN"
         text = server.metrics()
