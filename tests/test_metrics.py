@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import standard_config
 from helpers import Blocker, Knot, free_port, metric_value, rcode_text, require_tool
+from test_deploy import dashboard_expressions
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +166,19 @@ scrape_configs:
                 continue
         by_category = {r["metric"]["category"]: float(r["value"][1]) for r in results}  # type: ignore[index]
         assert by_category == {"tiktok": 7.0, "twitter": 3.0}
+        # The dashboard fills in: every panel's expression returns data from this Prometheus
+        # (the last-reload-error panel is empty while reloads succeed, as it should be).
+        time.sleep(4)  # a few more scrapes, so rates over 10s have two samples
+        empty = []
+        for expr in dashboard_expressions():
+            if "blocker_config_last_reload_error" in expr:
+                continue
+            promql = urllib.parse.quote(expr.replace("$__rate_interval", "10s").replace("$instance", ".*"))
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={promql}", timeout=5) as r:
+                answer = json.load(r)
+            if answer["status"] != "success" or not answer["data"]["result"]:
+                empty.append(expr)
+        assert not empty, empty
     finally:
         process.terminate()
         process.wait(20)
