@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     validate = commands.add_parser("validate", help="check the config and every list")
     validate.add_argument("--config", type=Path)
 
+    proxy = commands.add_parser("proxy", help="run mitmproxy with the blocker addon on proxy.listen")
+    proxy.add_argument("--config", type=Path)
+    proxy.add_argument("mitmproxy_args", nargs=argparse.REMAINDER,
+                       help="extra mitmdump arguments after `--` (e.g. -- --set confdir=/var/lib/blocker)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         from blocker.daemon import serve as run_server
@@ -42,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_server(args.config)
     if args.command == "check":
         return run_check(args)
+    if args.command == "proxy":
+        return run_proxy(args.config, [a for a in args.mitmproxy_args if a != "--"])
     return run_validate(args.config)
 
 
@@ -180,4 +187,29 @@ def run_validate(config: Path | None) -> int:
     print(f"OK: policy {policy.version} from {policy.config.source_name}: {len(policy.lists.categories)} "
           f"categories, {policy.lists.index.rule_count} rules, {len(policy.devices)} devices, "
           f"{sum(len(v) for v in policy.exemptions.values())} exemptions")
+    return 0
+
+
+def run_proxy(config: Path | None, extra: list[str]) -> int:
+    """Run mitmdump with the addon, on proxy.listen in proxy.mode (needs the `proxy` extra)."""
+    try:
+        from mitmproxy.tools.main import mitmdump
+    except ImportError:
+        print("blocker proxy needs mitmproxy: pip install 'blocker[proxy]'", file=sys.stderr)
+        return 2
+    from blocker import mitm_addon
+    from blocker.config import load_config
+    from blocker.yamlfile import format_endpoint
+
+    try:
+        settings = load_config(config).proxy
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    listen = format_endpoint(*settings.listen)
+    arguments = ["--quiet", "-s", str(Path(mitm_addon.__file__)), "--mode", f"{settings.mode}@{listen}",
+                 "--set", "block_global=false", "--set", "connection_strategy=lazy"]
+    if config is not None:
+        arguments += ["--set", f"blocker_config={config.resolve()}"]
+    mitmdump([*arguments, *extra])
     return 0

@@ -13,7 +13,9 @@ import struct
 import time
 from collections.abc import Sequence
 
-from blocker.message import RCODE_REFUSED, RCODE_SERVFAIL, Query, upstream_query
+import dnslib
+
+from blocker.message import RCODE_REFUSED, RCODE_SERVFAIL, Query, read_question, upstream_query
 from blocker.metrics import Stats
 from blocker.yamlfile import format_endpoint
 
@@ -136,3 +138,27 @@ class Upstreams:
             if channel.transport is not None:
                 channel.transport.close()
         self._channels.clear()
+
+
+async def resolve_addresses(upstreams: Upstreams, name: str) -> tuple[list[str], list[str]]:
+    """The IPv4 (else IPv6) addresses of a name through the configured upstreams, and the CNAME
+    targets met on the way. For the proxy: it must never ask the host's own resolver."""
+    addresses: list[str] = []
+    targets: list[str] = []
+    for qtype in ("A", "AAAA"):
+        wire = dnslib.DNSRecord.question(name, qtype).pack()
+        answer = await upstreams.resolve(read_question(bytes(wire)))
+        if answer is None:
+            continue
+        try:
+            record = dnslib.DNSRecord.parse(answer)
+        except dnslib.DNSError:
+            continue
+        for rr in record.rr:
+            if rr.rtype == dnslib.QTYPE.CNAME:
+                targets.append(str(rr.rdata.label).rstrip(".").lower())
+            elif rr.rtype in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA):
+                addresses.append(str(rr.rdata))
+        if addresses:
+            break
+    return addresses, targets

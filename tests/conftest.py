@@ -14,7 +14,8 @@ SHIPPED = ROOT / "blocklists"
 
 @pytest.fixture(scope="session")
 def knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Knot]:
-    server = Knot(tmp_path_factory.mktemp("knot"), ["example.test", "tiktok.com", "fbcdn.net", "whatsapp.com"]).start()
+    zones = ["example.test", "tiktok.com", "fbcdn.net", "whatsapp.com", "proxy.test"]
+    server = Knot(tmp_path_factory.mktemp("knot"), zones).start()
     yield server
     server.stop()
 

@@ -1,0 +1,273 @@
+"""The mitmproxy addon: blocker's policy at an HTTP(S) proxy, deciding with the resolver's own `decide`.
+
+It never decrypts: a blocked HTTPS destination is refused at CONNECT (regular mode) or, from the
+TLS ClientHello's SNI, by failing the handshake before a byte of application data; allowed TLS is
+passed through untouched. Blocked plain HTTP gets a short 451 page naming the category, and
+DNS-over-HTTPS requests seen in plain HTTP are refused as `doh`. Destinations are resolved
+through the configured upstreams, never the host's resolver.
+
+Use: `blocker proxy`, or `mitmdump -s <this file> --set blocker_config=FILE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import ipaddress
+import logging
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from mitmproxy import connection, ctx, exceptions, http, tls
+from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy import server_hooks
+
+if __package__ in (None, ""):  # loaded by path with `mitmdump -s`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blocker.clients import Client
+from blocker.daemon import file_signature
+from blocker.domains import NameError_, normalize
+from blocker.errors import ConfigError
+from blocker.httpd import OpsServer
+from blocker.metrics import Stats
+from blocker.policy import Action, Decision, Policy, decide, identify, load_policy
+from blocker.proxy_metrics import ProxyStats, make_proxy_registry
+from blocker.upstream import Upstreams, resolve_addresses
+
+log = logging.getLogger("blocker")
+
+BARE_IP_CHOICES = ("allow", "block")
+DOH_CATEGORY = "doh"
+IP_LITERAL = "ip_literal"
+POLL_SECONDS = 1.0
+
+
+def is_doh_request(request: http.Request) -> bool:
+    """DNS-over-HTTPS by its shape (RFC 8484 and the JSON API), whatever the host."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    accept = request.headers.get("accept", "").lower()
+    return (content_type == "application/dns-message" or "application/dns-message" in accept
+            or "application/dns-json" in accept or "dns" in request.query
+            or request.path.split("?")[0].rstrip("/").endswith("/dns-query"))
+
+
+def block_page(host: str, decision: Decision, version: str) -> str:
+    category = html.escape(decision.category or "")
+    return (f"<!doctype html><meta charset=utf-8><title>Blocked</title><h1>Blocked by policy</h1>"
+            f"<p>{html.escape(host)} is in the category <b>{category}</b>, which this device may not reach."
+            f"</p><p>Policy {html.escape(version)}</p>\n")
+
+
+class BlockerAddon:
+    """Loads the policy from `blocker_config` and enforces it on every connection and request."""
+
+    def __init__(self) -> None:
+        self.policy: Policy | None = None
+        self.upstreams: Upstreams | None = None
+        self.stats = ProxyStats()
+        self.upstream_stats = Stats()
+        self._refused: dict[str, Decision] = {}  # client connection id -> why its TLS is to be failed
+        self._signature: tuple[object, ...] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._ops: OpsServer | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option("blocker_config", Optional[str], None, "blocker's config file (YAML)")  # noqa: UP045
+        loader.add_option("blocker_bare_ip", str, "allow",
+                          "what to do with a connection to a bare IP address without SNI: allow or block")
+        loader.add_option("blocker_metrics", str, "127.0.0.1:9154",
+                          "host:port for the proxy's /metrics, /healthz and /readyz; empty for none")
+
+    def configure(self, updated: set[str]) -> None:
+        if "blocker_bare_ip" in updated and ctx.options.blocker_bare_ip not in BARE_IP_CHOICES:
+            raise exceptions.OptionsError(f"blocker_bare_ip must be one of {', '.join(BARE_IP_CHOICES)}")
+        if "blocker_config" in updated:
+            self._load(reason="configure")
+
+    def _load(self, reason: str) -> bool:
+        path = ctx.options.blocker_config
+        config_path = Path(path) if path else None
+        try:
+            policy = load_policy(config_path)
+        except ConfigError as err:
+            self.stats.reloaded(False)
+            if self.policy is None or reason == "configure":
+                # mitmproxy keeps the old options (and so the old policy) when configure raises.
+                raise exceptions.OptionsError(f"blocker_config rejected:\n{err}") from None
+            for problem in err.problems:
+                log.error("proxy reload (%s) rejected, keeping policy %s: %s", reason, self.policy.version, problem)
+            self._signature = file_signature(self.policy, config_path)
+            return False
+        dns = policy.config.dns
+        if self.upstreams is None or self.upstreams.endpoints != dns.upstreams:
+            self.upstreams = Upstreams(dns.upstreams, dns.upstream_timeout, self.upstream_stats)
+        self.policy = policy
+        self._signature = file_signature(policy, config_path)
+        self.stats.reloaded(True)
+        log.info("proxy policy=%s loaded (%s) from %s", policy.version, reason, policy.config.source_name)
+        return True
+
+    def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._watcher = loop.create_task(self._watch())
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform/loop
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._load("SIGHUP"))
+        listen = ctx.options.blocker_metrics
+        if listen:
+            host, _, port = listen.rpartition(":")
+            registry = make_proxy_registry(self.stats, self.upstream_stats, lambda: self.policy)
+            self._ops = OpsServer(host.strip("[]"), int(port), registry, lambda: self.policy is not None)
+            self._ops.start()
+            log.info("proxy metrics=http://%s/metrics", listen)
+
+    def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._ops is not None:
+            self._ops.stop()
+        if self.upstreams is not None:
+            self.upstreams.close()
+
+    async def _watch(self) -> None:
+        """The resolver's reload trigger: any change to the config or list files."""
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            if self.policy is None:
+                continue
+            path = ctx.options.blocker_config
+            if file_signature(self.policy, Path(path) if path else None) != self._signature:
+                self._load("file change")
+
+    # --- who and what --------------------------------------------------------------------------
+
+    def _client(self, client: connection.Client, username: str | None) -> Client:
+        """The client by its proxy-auth username (a device id), else by source address."""
+        policy = self._policy()
+        address = str(client.peername[0]) if client.peername else ""
+        by_address = identify(policy, address)
+        if username and username in policy.devices:
+            device = policy.devices[username]
+            return Client(address, device.id, device.group, by_address.allowed)
+        return by_address
+
+    def _policy(self) -> Policy:
+        if self.policy is None:
+            raise exceptions.OptionsError("blocker_config is not loaded")
+        return self.policy
+
+    def _decide_host(self, client: Client, host: str) -> Decision:
+        policy = self._policy()
+        if _is_ip(host):
+            if not client.allowed:
+                return Decision(Action.REFUSED, client.group)
+            if ctx.options.blocker_bare_ip == "block":
+                return Decision(Action.BLOCKED, client.group, category=IP_LITERAL)
+            return Decision(Action.ALLOWED, client.group, category=IP_LITERAL)
+        try:
+            name = normalize(host)
+        except NameError_:
+            return Decision(Action.BLOCKED, client.group, category="invalid_name")
+        return decide(policy, client, name, datetime.now(UTC))
+
+    @staticmethod
+    def _username(client: connection.Client, flow: http.HTTPFlow | None = None) -> str | None:
+        if flow is not None and "proxyauth" in flow.metadata:
+            return str(flow.metadata["proxyauth"][0])
+        auth = ctx.master.addons.get("proxyauth")
+        credentials = auth.authenticated.get(client) if auth is not None else None
+        return str(credentials[0]) if credentials else None
+
+    def _count(self, kind: str, decision: Decision) -> None:
+        action = "blocked" if decision.action in (Action.BLOCKED, Action.REFUSED) else decision.action.value
+        self.stats.request(kind, action, decision.category or "none")
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Regular mode: refuse a blocked destination at CONNECT, before any TLS."""
+        if flow.response is not None:  # e.g. 407 from proxyauth
+            return
+        client = self._client(flow.client_conn, self._username(flow.client_conn, flow))
+        decision = self._decide_host(client, flow.request.host)
+        self._count("connect", decision)
+        if decision.action in (Action.BLOCKED, Action.REFUSED):
+            flow.response = http.Response.make(
+                451, block_page(flow.request.host, decision, self._policy().version),
+                {"Content-Type": "text/html; charset=utf-8", "X-Blocker-Category": decision.category or ""})
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """Every mode: decide by SNI; pass allowed TLS through untouched, fail blocked TLS."""
+        client_conn = data.context.client
+        client = self._client(client_conn, self._username(client_conn))
+        sni = data.client_hello.sni
+        host = sni or (str(data.context.server.address[0]) if data.context.server.address else "")
+        decision = self._decide_host(client, host) if sni else self._decide_host(client, host or "0.0.0.0")
+        self._count("tls", decision)
+        if decision.action in (Action.BLOCKED, Action.REFUSED):
+            self._refused[client_conn.id] = decision
+        else:
+            data.ignore_connection = True  # passthrough: no interception, nothing decrypted
+
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        """Fail the handshake of a refused connection: a TLS context without a certificate."""
+        decision = self._refused.pop(data.context.client.id, None)
+        if decision is None:
+            return
+        from OpenSSL import SSL
+
+        # mitmproxy's own TLS setup returns early when ssl_conn is already set.
+        data.ssl_conn = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD))
+        data.ssl_conn.set_accept_state()
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """Plain HTTP: 451 page for blocked hosts and for DNS-over-HTTPS requests."""
+        if flow.response is not None:
+            return
+        client = self._client(flow.client_conn, self._username(flow.client_conn, flow))
+        policy = self._policy()
+        host = flow.request.pretty_host
+        decision = self._decide_host(client, host)
+        if (decision.action not in (Action.BLOCKED, Action.REFUSED) and is_doh_request(flow.request)
+                and DOH_CATEGORY in policy.group_blocks.get(client.group, frozenset())):
+            decision = Decision(Action.BLOCKED, client.group, frozenset({DOH_CATEGORY}), DOH_CATEGORY)
+        self._count("http", decision)
+        if decision.action in (Action.BLOCKED, Action.REFUSED):
+            flow.response = http.Response.make(
+                451, block_page(host, decision, policy.version),
+                {"Content-Type": "text/html; charset=utf-8", "X-Blocker-Category": decision.category or ""})
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Resolve the destination through the configured upstreams; refuse blocked CNAME chains."""
+        if data.server.address is None:
+            return
+        host, port = data.server.address[0], data.server.address[1]
+        if _is_ip(host) or self.upstreams is None:
+            return
+        addresses, targets = await resolve_addresses(self.upstreams, str(host))
+        client = self._client(data.client, self._username(data.client))
+        for target in targets:
+            decision = self._decide_host(client, target)
+            if decision.action is Action.BLOCKED:
+                self._count("connect", decision)
+                data.server.error = f"blocked: category={decision.category} (via CNAME {target})"
+                return
+        if not addresses:
+            data.server.error = f"cannot resolve {host} through the configured upstreams"
+            return
+        data.server.address = (addresses[0], port)
+
+
+def _is_ip(host: Any) -> bool:
+    try:
+        ipaddress.ip_address(str(host))
+    except ValueError:
+        return False
+    return True
+
+
+addons = [BlockerAddon()]
