@@ -51,7 +51,7 @@ from blocker.message import (
     truncated,
 )
 from blocker.metrics import Stats
-from blocker.policy import Action, Decision, Policy, decide_categories, identify
+from blocker.policy import CANARY_NAMES, Action, Decision, Policy, decide_categories, identify
 from blocker.querylog import QueryLog
 from blocker.upstream import Upstreams
 
@@ -114,13 +114,16 @@ class PolicyState:
     """The running policy and what is derived from it; replaced whole on reload, so nothing here
     can outlive the policy it was derived from."""
 
-    __slots__ = ("answers", "categories", "clients", "memo", "memo_clients", "policy")
+    __slots__ = ("answers", "categories", "clients", "decisions", "memo", "memo_clients", "policy")
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.answers = BlockAnswers(policy)
         self.clients: dict[tuple[str, bytes | None], Client] = {}
         self.categories: dict[str, frozenset[str]] = {}
+        # (group, categories, is a canary) -> decision, for clients without exemptions: then the
+        # decision depends on nothing else (not even the time), and most names share few category sets.
+        self.decisions: dict[tuple[str, frozenset[str], bool], Decision] = {}
         # Source address -> client, for clients whose answers depend on their group alone: allowed,
         # not a trusted forwarder (ECS would name someone else), and no exemption (time-dependent).
         self.memo_clients: dict[str, Client] = {}
@@ -231,7 +234,14 @@ class Resolver:
                 state.categories.clear()
             categories = state.categories[qname] = policy.categorize(qname)
         if categories:
-            decision = decide_categories(policy, client, qname, categories, datetime.now(UTC))
+            if client.device in policy.exemptions:
+                decision = decide_categories(policy, client, qname, categories, datetime.now(UTC))
+            else:
+                key2 = (client.group, categories, qname in CANARY_NAMES)
+                decision = state.decisions.get(key2)  # type: ignore[assignment]
+                if decision is None:
+                    decision = state.decisions[key2] = decide_categories(policy, client, qname, categories,
+                                                                         datetime.now(UTC))
             if decision.action is Action.BLOCKED:
                 return self._blocked(request, decision, remember=True)
             request.decision = decision
