@@ -2,7 +2,8 @@
 
 Every server forwards to the same Knot upstream and blocks the same names (the shipped lists' fixed
 rules; unbound as local-zones, dnsmasq as address=/d/). dnsperf runs pinned to the other core.
-Mixes: blocked names, cached allowed names, and 80 % allowed / 20 % blocked. Then p99 latency at
+Mixes: blocked names, cached allowed names, 80 % allowed / 20 % blocked, and 300,000 blocked names
+each asked once (nothing can be reused: the cold path). Then p99 latency at
 a fixed 2,000 QPS, the cost of metrics, and load time and RSS with a 1,000,000-name list.
 """
 
@@ -136,7 +137,9 @@ class Bench:
         mix = []
         for i in range(10_000):
             mix.append(rng.choice(blocked) if i % 5 == 0 else rng.choice(allowed))
-        files = {"blocked": blocked, "cached": allowed, "mix": mix}
+        # Every name once: no answer, decision or category can be reused (the cold path).
+        unique = [f"u{i}x{rng.randrange(10**6)}.{rng.choice(self.blocked_domains)} A" for i in range(300_000)]
+        files = {"blocked": blocked, "cached": allowed, "mix": mix, "unique_blocked": unique}
         paths = {}
         for name, lines in files.items():
             path = self.workdir / f"{name}.txt"
@@ -220,9 +223,9 @@ forward-zone:
 
     # --- measurements ------------------------------------------------------------------------
     def dnsperf(self, port: int, queries: Path, seconds: int, qps: int | None = None,
-                verbose: bool = False) -> dict[str, float]:
-        args = [tool("dnsperf"), "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-l", str(seconds),
-                "-c", "8", "-q", "500", "-t", "2"]
+                verbose: bool = False, once: bool = False) -> dict[str, float]:
+        args = [tool("dnsperf"), "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-c", "8", "-q", "500",
+                "-t", "2", *(["-n", "1"] if once else ["-l", str(seconds)])]
         if qps:
             args += ["-Q", str(qps)]
         if verbose:
@@ -260,6 +263,7 @@ forward-zone:
             server_results = {}
             for mix in ("blocked", "cached", "mix"):
                 server_results[mix] = self.dnsperf(port, files[mix], self.seconds)
+            server_results["unique_blocked"] = self.dnsperf(port, files["unique_blocked"], self.seconds, once=True)
             server_results["mix_at_2000qps"] = self.dnsperf(port, files["mix"], min(self.seconds, 10), qps=2000,
                                                             verbose=True)
             results[name] = server_results
@@ -303,7 +307,7 @@ def report(results: dict[str, object]) -> str:
     lines = ["", "| mix | blocker qps | unbound qps | dnsmasq qps | blocker/unbound | blocker/dnsmasq |",
              "| --- | --- | --- | --- | --- | --- |"]
     b, u, d = results["blocker"], results["unbound"], results["dnsmasq"]  # type: ignore[index]
-    for mix in ("blocked", "cached", "mix"):
+    for mix in ("blocked", "cached", "mix", "unique_blocked"):
         bq, uq, dq = b[mix]["qps"], u[mix]["qps"], d[mix]["qps"]  # type: ignore[index]
         lines.append(f"| {mix} | {bq:,.0f} | {uq:,.0f} | {dq:,.0f} | {bq / uq:.2f} | {bq / dq:.2f} |")
     lines.append("")
