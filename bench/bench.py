@@ -26,6 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import free_port  # noqa: E402  (the tests' helper: a port free for UDP and TCP)
+
 from blocker.blocklists import load_blocklists  # noqa: E402
 
 SERVER_CPU = "0"
@@ -38,21 +42,6 @@ def tool(name: str) -> str:
     if path is None:
         sys.exit(f"bench: {name} is missing (bench/run installs it)")
     return path
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP (every server here listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise SystemExit("bench: no free port")
 
 
 def wait_udp(port: int, timeout: float = 30.0) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from blocker.errors import ConfigError, Problem
-from blocker.yamlfile import Collector, Reader, compose, parse_endpoint
+from blocker.errors import ConfigError
+from blocker.yamlfile import Collector, Reader, compose
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Endpoint = tuple[str, int]
@@ -412,11 +412,3 @@ def _exemptions(read: Reader, node: yaml.Node | None, lines: dict[str, int]) -> 
         exemptions.append(Exemption(device, allow, approved_by, reference, reason,  # type: ignore[arg-type]
                                     expires, starts, read.file, item.start_mark.line + 1))
     return tuple(exemptions)
-
-
-def endpoint_from_text(text: str) -> Endpoint:
-    """Parse `host:port` given on the command line; raises ConfigError."""
-    parsed = parse_endpoint(text)
-    if parsed is None:
-        raise ConfigError([Problem("<command line>", 0, f"'{text}' is not IP:PORT")])
-    return parsed

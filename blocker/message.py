@@ -358,10 +358,6 @@ def scan_response(wire: bytes) -> Scan:
                 without_opt, bool(flags & _FLAG_TC))
 
 
-def rcode_of(wire: bytes) -> int:
-    return wire[3] & 0xF
-
-
 def describe(wire: bytes) -> str:
     """A human-readable rendering of a message, for logs and debugging (slow; not the hot path)."""
     try:

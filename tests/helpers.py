@@ -59,13 +59,15 @@ def wait_for_dns(port: int, name: str, deadline: float = 10.0, host: str = "127.
 class Knot:
     """A real authoritative server (Knot DNS) on loopback, serving zones from tests/zones."""
 
-    def __init__(self, workdir: Path, zones: list[str]) -> None:
+    def __init__(self, workdir: Path, zones: list[str], port: int | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.zones = zones
-        self.port = free_port()
+        self.port = port or free_port()
+        self.prefix = prefix  # e.g. ("ip", "netns", "exec", NAME) to run it in a network namespace
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Knot:
+    def start(self, wait: bool = True) -> Knot:
         knotd = require_tool("knotd")
         self.workdir.mkdir(parents=True, exist_ok=True)
         zone_lines = "\n".join(f"  - domain: {zone}" for zone in self.zones)
@@ -86,10 +88,10 @@ class Knot:
                 zonefile-sync: -1
                 journal-content: none
             """) + ("zone:\n" + zone_lines + "\n" if self.zones else ""))
-        self.process = subprocess.Popen([knotd, "-c", str(conf)], stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen([*self.prefix, knotd, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
-        probe = self.zones[0] if self.zones else "invalid"
-        wait_for_dns(self.port, probe)
+        if wait:
+            wait_for_dns(self.port, self.zones[0] if self.zones else "invalid")
         return self
 
     @property

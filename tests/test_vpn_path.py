@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, ZONES, require_tool
+from helpers import ROOT, Knot, require_tool
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -78,26 +78,9 @@ def dig(spaces: Namespaces, handset: str, server: str, name: str) -> str:
 
 def test_handsets_resolve_through_blocker_by_tunnel_address(namespaces: Namespaces, tmp_path: Path) -> None:
     spaces = namespaces
-    knot_dir = tmp_path / "knot"
-    knot_dir.mkdir()
-    (knot_dir / "knot.conf").write_text(textwrap.dedent(f"""\
-        server:
-            rundir: "{knot_dir}"
-            listen: 127.0.0.1@5300
-        database:
-            storage: "{knot_dir}/db"
-        log:
-          - target: stderr
-            any: warning
-        template:
-          - id: default
-            storage: "{ZONES}"
-            file: "%s.zone"
-            journal-content: none
-        zone:
-          - domain: whatsapp.com
-          - domain: example.test
-        """))
+    # Knot inside the resolver's namespace, on its loopback (readiness is seen through blocker below).
+    knot = Knot(tmp_path / "knot", ["whatsapp.com", "example.test"], port=5300,
+                prefix=tuple(spaces.exec(spaces.dns))).start(wait=False)
     config = tmp_path / "blocker.yaml"
     config.write_text(textwrap.dedent(f"""\
         dns:
@@ -115,8 +98,6 @@ def test_handsets_resolve_through_blocker_by_tunnel_address(namespaces: Namespac
             - {{device: HANDSET-1, allow: [whatsapp], approved_by: "Insp. J. Doe", reference: "CHG-VPN-1",
                reason: "Witness liaison", expires: 2099-01-01T00:00:00Z}}
         """))
-    knot = subprocess.Popen(spaces.exec(spaces.dns, require_tool("knotd"), "-c", str(knot_dir / "knot.conf")),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = subprocess.Popen(spaces.exec(spaces.dns, sys.executable, "-m", "blocker", "serve", "--config",
                                           str(config)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
@@ -139,5 +120,4 @@ def test_handsets_resolve_through_blocker_by_tunnel_address(namespaces: Namespac
     finally:
         server.terminate()
         server.wait(15)
-        knot.terminate()
-        knot.wait(15)
+        knot.stop()
