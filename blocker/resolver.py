@@ -334,11 +334,13 @@ class Resolver:
             self.stats.exempt(decision.category or "")
             return self._done(request, reply, "exempted", decision.category, categories,
                               decision.exemption.reference)
+        # A SERVFAIL passed on from the upstreams is an error for the dashboards and alerts, not an answer.
+        action = "error" if reply[3] & 0xF == RCODE_SERVFAIL else "allowed"
         # Valid until the TTLs would tick down a second, or the entry expires.
         valid_until = min(entry.expires, entry.stored + int(now - entry.stored) + 1)
         if valid_until > now:
-            self._remember(request, reply, "allowed", None, categories, valid_until)
-        return self._done(request, reply, "allowed", None, categories)
+            self._remember(request, reply, action, None, categories, valid_until)
+        return self._done(request, reply, action, None, categories)
 
     def _blocked_target(self, state: PolicyState, client: Client, entry: CacheEntry) -> Decision | None:
         """The decision that blocks one of the answer's CNAME targets for this client, if any."""

@@ -65,15 +65,21 @@ class Upstreams:
         self.timeout = timeout
         self.stats = stats
         self._channels: dict[Endpoint, _UdpChannel] = {}
+        self._opening: dict[Endpoint, asyncio.Lock] = {}
 
     async def _channel(self, endpoint: Endpoint) -> _UdpChannel:
         channel = self._channels.get(endpoint)
         if channel is not None and channel.transport is not None:
             return channel
-        loop = asyncio.get_running_loop()
-        _transport, channel = await loop.create_datagram_endpoint(_UdpChannel, remote_addr=endpoint)
-        self._channels[endpoint] = channel
-        return channel
+        # Queries arriving together must share one new socket, not each open their own.
+        async with self._opening.setdefault(endpoint, asyncio.Lock()):
+            channel = self._channels.get(endpoint)
+            if channel is not None and channel.transport is not None:
+                return channel
+            loop = asyncio.get_running_loop()
+            _transport, channel = await loop.create_datagram_endpoint(_UdpChannel, remote_addr=endpoint)
+            self._channels[endpoint] = channel
+            return channel
 
     async def resolve(self, query: Query) -> bytes | None:
         """The first good upstream answer, else the last SERVFAIL/REFUSED seen, else None."""

@@ -14,7 +14,8 @@ SHIPPED = ROOT / "blocklists"
 
 @pytest.fixture(scope="session")
 def knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Knot]:
-    zones = ["example.test", "tiktok.com", "fbcdn.net", "whatsapp.com", "proxy.test"]
+    # broken.test has no zone file: Knot answers SERVFAIL for it.
+    zones = ["example.test", "tiktok.com", "fbcdn.net", "whatsapp.com", "proxy.test", "broken.test"]
     server = Knot(tmp_path_factory.mktemp("knot"), zones).start()
     yield server
     server.stop()

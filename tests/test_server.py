@@ -327,6 +327,20 @@ def test_upstream_down_gives_servfail_within_timeout_and_blocks_still_answer(tmp
         hole.close()
 
 
+def test_upstream_servfail_is_passed_on_and_counted_as_an_error(knot: Knot, tmp_path: Path) -> None:
+    server = Blocker(standard_config(tmp_path, [knot.endpoint])).start()
+    try:
+        for _ in range(3):  # the first from upstream, then from the cache (SERVFAIL is kept 2 s)
+            assert rcode_text(server.query("www.broken.test")) == "SERVFAIL"
+        text = server.metrics()
+        assert metric_value(text, "blocker_dns_queries_total", {"transport": "udp", "action": "error"}) == 3
+        assert metric_value(text, "blocker_dns_queries_total", {"transport": "udp", "action": "allowed"}) == 0
+        assert metric_value(text, "blocker_upstream_queries_total",
+                            {"upstream": knot.endpoint, "result": "servfail"}) == 1
+    finally:
+        server.stop()
+
+
 def test_sighup_reloads_and_a_broken_config_keeps_the_old_policy(knot: Knot, tmp_path: Path) -> None:
     config = standard_config(tmp_path, [knot.endpoint])
     original = config.read_text()
