@@ -204,9 +204,10 @@ class BlockerAddon:
         """Every mode: decide by SNI; pass allowed TLS through untouched, fail blocked TLS."""
         client_conn = data.context.client
         client = self._client(client_conn, self._username(client_conn))
-        sni = data.client_hello.sni
-        host = sni or (str(data.context.server.address[0]) if data.context.server.address else "")
-        decision = self._decide_host(client, host) if sni else self._decide_host(client, host or "0.0.0.0")
+        # Without SNI, the destination the client asked for (a name in SOCKS5, else a bare IP).
+        server = data.context.server.address
+        host = data.client_hello.sni or (str(server[0]) if server else "0.0.0.0")
+        decision = self._decide_host(client, host)
         self._count("tls", decision)
         if decision.action in (Action.BLOCKED, Action.REFUSED):
             self._refused[client_conn.id] = decision
