@@ -110,7 +110,7 @@ class UdpListener:
         self._loop.remove_writer(self.sock.fileno())
 
     async def _finish(self, pending: Coroutine[Any, Any, bytes | None], addr: tuple[Any, ...]) -> None:
-        reply = await pending
+        reply = await pending  # the resolver's coroutine answers SERVFAIL itself rather than raise
         if reply is not None and not self.closed:
             self.send(reply, addr)
 
