@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 class Clock:
     """The real clock."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
+    # The builtin itself rather than a method calling it: the hot path reads it once per query.
+    monotonic = staticmethod(time.monotonic)
 
     def now(self) -> datetime:
         return datetime.now(UTC)

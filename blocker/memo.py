@@ -10,13 +10,16 @@ reload, so nothing in it can outlive the policy it was derived from. It holds:
   decision then depends on nothing else, not even the time;
 - answers: (transport, group, query bytes after the ID) -> the finished answer, for clients whose
   answer depends on their group alone (allowed, not a trusted forwarder, no exemption). A hit
-  answers without parsing or deciding again.
+  answers without parsing or deciding again. An answer is kept the second time its query is
+  asked, not the first: most names of the long tail are asked once, and remembering each of them
+  cost an object per query and the garbage collector's time walking them all (bench/hotpath.py).
 
 Each table is bounded; a full table is cleared and refills with what is asked now.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from blocker.answers import BlockAnswers
@@ -51,7 +54,7 @@ class MemoHit:
 class PolicyMemo:
     """The running policy, its own answers, and everything remembered under it."""
 
-    __slots__ = ("answers", "categories", "clients", "decisions", "memo_clients", "policy", "replies")
+    __slots__ = ("answers", "categories", "clients", "decisions", "memo_clients", "policy", "replies", "seen")
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -62,6 +65,8 @@ class PolicyMemo:
         # Source address -> client, only for clients whose answers `replies` may hold.
         self.memo_clients: dict[str, Client] = {}
         self.replies: dict[tuple[str, str, bytes], MemoHit] = {}
+        # Keys of `replies` asked once so far (tuples of str and bytes: the collector does not track them).
+        self.seen: set[tuple[str, str, bytes]] = set()
 
     def lookup(self, data: bytes, address: str, transport: str, now: float) -> tuple[Client, MemoHit] | None:
         """A remembered answer to these exact query bytes from this source, if one is still valid."""
@@ -95,19 +100,35 @@ class PolicyMemo:
             categories = self.categories[qname] = self.policy.categorize(qname)
         return categories
 
-    def decision(self, client: Client, qname: str, categories: frozenset[str], now: datetime) -> Decision:
-        """`decide_categories`, remembered for clients without exemptions (time cannot change it)."""
+    def decision(self, client: Client, qname: str, categories: frozenset[str],
+                 now: Callable[[], datetime]) -> Decision:
+        """`decide_categories`, remembered for clients without exemptions (time cannot change it).
+
+        `now` is read only when a decision is made, not when a remembered one is found."""
         policy = self.policy
         if client.device in policy.exemptions:
-            return decide_categories(policy, client, qname, categories, now)
+            return decide_categories(policy, client, qname, categories, now())
         key = (client.group, categories, qname in CANARY_NAMES)
         decision = self.decisions.get(key)
         if decision is None:
-            decision = self.decisions[key] = decide_categories(policy, client, qname, categories, now)
+            decision = self.decisions[key] = decide_categories(policy, client, qname, categories, now())
         return decision
 
     def may_remember(self, address: str) -> bool:
         return address in self.memo_clients
+
+    def asked_before(self, key: tuple[str, str, bytes]) -> bool:
+        """Whether this key was offered to `remember` before; notes it if not."""
+        if key in self.replies:
+            return True  # a remembered answer that expired (its TTLs ticked): renew it at once
+        seen = self.seen
+        if key in seen:
+            seen.discard(key)
+            return True
+        if len(seen) >= MEMO_LIMIT:
+            seen.clear()
+        seen.add(key)
+        return False
 
     def remember(self, key: tuple[str, str, bytes], hit: MemoHit) -> None:
         if len(self.replies) >= MEMO_LIMIT:

@@ -28,13 +28,13 @@ class Recorder:
         self.version = ""  # the running policy's version, for the query log
 
     def answered(self, transport: str, address: str, client: Client | None, qname: str, qtype: int,
-                 action: Action, category: str | None, categories: tuple[str, ...], exemption: str | None,
+                 action: Action, category: str | None, categories: frozenset[str], exemption: str | None,
                  reply: bytes, started: float) -> bytes:
         """One query answered as `action`; returns its reply."""
         group = client.group if client is not None else ""
         self.stats.answered(transport, action, category, group, time.perf_counter() - started)
         if self.querylog is not None:
-            self._log(address, client, qname, qtype, action, categories, exemption, reply, started)
+            self._log(address, client, qname, qtype, action, tuple(sorted(categories)), exemption, reply, started)
         return reply
 
     def unreadable(self, transport: str, started: float, malformed: bool) -> None:

@@ -111,8 +111,7 @@ class Resolver:
               categories: frozenset[str] = frozenset(), exemption: str | None = None) -> bytes:
         query = request.query
         return self.recorder.answered(request.transport, request.address, request.client, query.qname, query.qtype,
-                                      action, category, tuple(sorted(categories)), exemption, reply,
-                                      request.started)
+                                      action, category, categories, exemption, reply, request.started)
 
     def _answer(self, request: _Request) -> Reply:
         memo, query = request.memo, request.query
@@ -121,7 +120,7 @@ class Resolver:
             return self._done(request, memo.answers.refused(query), Action.REFUSED)
         categories = memo.categories_of(query.qname)
         if categories:
-            decision = memo.decision(client, query.qname, categories, self.clock.now())
+            decision = memo.decision(client, query.qname, categories, self.clock.now)
             if decision.action is Action.BLOCKED:
                 return self._blocked(request, decision, remember=True)
             request.decision = decision
@@ -140,8 +139,11 @@ class Resolver:
         if memo is not self.memo or not memo.may_remember(request.address):
             return
         group = request.client.group  # type: ignore[union-attr]
+        key = (request.transport, group, request.data[2:])
+        if not memo.asked_before(key):
+            return
         stats = self.stats
-        memo.remember((request.transport, group, request.data[2:]),
+        memo.remember(key,
                       MemoHit(reply[2:], action, category, valid_until, request.query.qname, request.query.qtype,
                               tuple(sorted(categories)), stats.query_cell(request.transport, action),
                               stats.blocked_cell(category, group) if action is Action.BLOCKED and category
