@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from blocker.domains import InvalidName, RuleIndex, RuleSource, is_valid_name, normalize_rule
+from blocker.domains import InvalidName, RuleIndex, RuleSource, all_valid_names, is_valid_name, normalize_rule
 from blocker.errors import ConfigError
 from blocker.yamlfile import Collector, Reader, compose
 
@@ -104,34 +104,62 @@ def _load_category(path: Path, index: RuleIndex, problems: Collector, files: lis
     return Category(name, description, file)
 
 
+_CHUNK = 1 << 20  # characters of an included file read at once
+_SLICE = 512  # lines checked together: one odd line sends only its slice name by name
+
+
 def _load_include(path: Path, category: str, index: RuleIndex, problems: Collector) -> None:
     file = str(path)
-    add = index.add
     bulk = RuleSource(category, file, 0, "")
     try:
-        # Read line by line: a list of a million names must not sit in memory twice.
-        with path.open(encoding="utf-8") as lines:
-            for number, raw in enumerate(lines, start=1):
-                line = raw.strip()
-                if not line or line[0] in "#![":
-                    continue
-                if "#" in line:
-                    line = line.split("#", 1)[0].strip()
-                name = line.lower().rstrip(".")
-                # Plain names are by far the most common line: one regex, and no line number kept
-                # (`blocker check` finds it again with `find_line`).
-                if is_valid_name(name):
-                    add(name, bulk, keep_line=False)
-                    continue
-                for rule_text, allow in _parse_other_line(line, file, number, problems):
-                    try:
-                        rule = normalize_rule(rule_text)
-                    except InvalidName as err:
-                        problems.add(file, None, str(err), line=number)
-                        continue
-                    add(rule, RuleSource(category, file, number, rule, allow))
+        # A few megabytes at a time: a list of a million names must not sit in memory twice.
+        with path.open(encoding="utf-8") as handle:
+            first = 1
+            for chunk in iter(lambda: handle.readlines(_CHUNK), []):
+                _load_lines(chunk, first, file, category, bulk, index, problems)
+                first += len(chunk)
     except (OSError, UnicodeDecodeError) as err:
         problems.add(file, None, f"cannot read: {err}")
+
+
+def _load_lines(chunk: list[str], first: int, file: str, category: str, bulk: RuleSource, index: RuleIndex,
+                problems: Collector) -> None:
+    # Plain names are by far the most common line: they are checked and added all at once, with no
+    # line number kept (`blocker check` finds it again with `find_line`). Every other line (comments,
+    # hosts and adblock lines, a trailing dot, bad names) goes through `_load_line`.
+    names = list(map(str.strip, map(str.lower, chunk)))
+    plain: list[str] = []
+    for start in range(0, len(names), _SLICE):
+        part = names[start:start + _SLICE]
+        if all_valid_names(part):
+            plain += part
+            continue
+        for offset, name in enumerate(part, start):
+            if is_valid_name(name):
+                plain.append(name)
+            else:
+                _load_line(chunk[offset], first + offset, file, category, bulk, index, problems)
+    index.add_names(plain, bulk)
+
+
+def _load_line(raw: str, number: int, file: str, category: str, bulk: RuleSource, index: RuleIndex,
+               problems: Collector) -> None:
+    line = raw.strip()
+    if not line or line[0] in "#![":
+        return
+    if "#" in line:
+        line = line.split("#", 1)[0].strip()
+    name = line.lower().rstrip(".")
+    if is_valid_name(name):
+        index.add(name, bulk, keep_line=False)
+        return
+    for rule_text, allow in _parse_other_line(line, file, number, problems):
+        try:
+            rule = normalize_rule(rule_text)
+        except InvalidName as err:
+            problems.add(file, None, str(err), line=number)
+            continue
+        index.add(rule, RuleSource(category, file, number, rule, allow))
 
 
 def find_line(file: str, rule: str) -> int:

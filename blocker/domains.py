@@ -58,6 +58,27 @@ def is_valid_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
+_NAME_CHARS = str.maketrans("", "", "abcdefghijklmnopqrstuvwxyz0123456789_-.")
+
+
+def all_valid_names(names: list[str]) -> bool:
+    """Whether `is_valid_name` holds for every one of these names, checked on them all at once.
+
+    A few passes of C string methods over the names joined by dots instead of a regex per name
+    (the regex was most of the time a million-name list took to load): every label of every name
+    has only name characters, is not empty and neither starts nor ends with `-`. False may also
+    mean "not sure" (a name longer than 63 characters): the caller then checks name by name.
+    """
+    if not names:
+        return True
+    text = ".".join(names)
+    if not text or text.translate(_NAME_CHARS) or text[0] in ".-" or text[-1] in ".-":
+        return False
+    if ".." in text or ".-" in text or "-." in text:
+        return False
+    return max(map(len, names)) <= 63  # then no label is longer than 63 either
+
+
 @dataclass(frozen=True, slots=True)
 class RuleSource:
     """Where a rule was written: its category, file, line and text."""
@@ -126,13 +147,7 @@ class RuleIndex:
             return
         current = self._exact.get(rule)
         if current is None:
-            key = (source.category, source.file, source.allow)
-            shared = self._shared.get(key)
-            if shared is None:
-                shared = RuleEntry(frozenset((source.category,)), source.allow,
-                                   [RuleSource(source.category, source.file, 0, "", source.allow)], shared=True)
-                self._shared[key] = shared
-            self._exact[rule] = shared
+            self._exact[rule] = self._shared_entry(source)
             if keep_line:
                 self._lines[rule] = source.line
             return
@@ -140,6 +155,33 @@ class RuleIndex:
         sources = self._sources_of(rule, current)
         self._exact[rule] = self._merge(current, sources, source)
         self._lines.pop(rule, None)
+
+    def add_names(self, names: list[str], source: RuleSource) -> None:
+        """Add many plain normalised names of one list file at once, without their lines.
+
+        The same as `add(name, source, keep_line=False)` for each, but with the dictionary work done
+        in C: a million-name list loads in a fraction of the time. A name listed twice in the file
+        is one rule with one source; a name some other rule already holds is merged as by `add`.
+        """
+        exact = self._exact
+        fresh = dict.fromkeys(names, self._shared_entry(source))
+        clashes = [] if exact.keys().isdisjoint(fresh) else list(fresh.keys() & exact.keys())
+        for name in clashes:
+            del fresh[name]
+        exact.update(fresh)
+        self.rule_count += len(names) - len(clashes)
+        for name in clashes:
+            self.add(name, source, keep_line=False)
+
+    def _shared_entry(self, source: RuleSource) -> RuleEntry:
+        """The one entry standing for every rule of one list file (category, file, allow)."""
+        key = (source.category, source.file, source.allow)
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = RuleEntry(frozenset((source.category,)), source.allow,
+                               [RuleSource(source.category, source.file, 0, "", source.allow)], shared=True)
+            self._shared[key] = shared
+        return shared
 
     def _sources_of(self, rule: str, entry: RuleEntry) -> list[RuleSource]:
         if not entry.shared:

@@ -129,3 +129,29 @@ def test_every_reference_entry_is_caught_by_its_category() -> None:
                 missed.append((category, name, index.lookup(name).rule))
     # facebook.txt lists a few WhatsApp- and Instagram-owned hosts that more specific rules move elsewhere.
     assert all(cat == "facebook" for cat, _, _ in missed), missed
+
+
+def test_large_include_loads_in_bulk_with_every_odd_line_still_read_and_placed(tmp_path: Path) -> None:
+    # Thousands of plain names (read in bulk), with odd lines in the middle of slices and chunks:
+    # each is read as before, and an error still names its own line.
+    lines = [f"n{i}.bulk.example" for i in range(3000)]
+    lines[700] = "Upper-Case.Example."  # a trailing dot and capitals: the per-line path
+    lines[1500] = "0.0.0.0 hosts.example"
+    lines[2100] = "bad..example"
+    lines[2500] = "shared.example"  # also a fixed rule of another category
+    lines[2600] = "n5.bulk.example"  # listed twice
+    (tmp_path / "big.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "big.yaml").write_text("name: big\ninclude: [big.txt]\n")
+    (tmp_path / "other.yaml").write_text("name: other\ndomains:\n  - shared.example\n")
+    with pytest.raises(ConfigError) as failed:
+        load_blocklists(tmp_path)
+    [problem] = failed.value.problems
+    assert (Path(problem.file).name, problem.line) == ("big.txt", 2101)
+    (tmp_path / "big.txt").write_text("\n".join(line for line in lines if line != "bad..example") + "\n")
+    index = load_blocklists(tmp_path).index
+    for name in ("n0.bulk.example", "x.n2999.bulk.example", "upper-case.example", "hosts.example", "n5.bulk.example"):
+        assert index.classify(name) == {"big"}, name
+    assert index.classify("shared.example") == {"big", "other"}
+    assert index.classify("n3000.bulk.example") == frozenset()
+    assert index.rule_count == 2999 + 1  # every line of big.txt, and the fixed rule
+    assert index.lookup("hosts.example").sources[0].line == 1501

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from blocker.domains import InvalidName, RuleIndex, RuleSource, normalize, normalize_rule
+from blocker.domains import (
+    InvalidName,
+    RuleIndex,
+    RuleSource,
+    all_valid_names,
+    is_valid_name,
+    normalize,
+    normalize_rule,
+)
 
 
 def build(rules: list[tuple[str, str, bool]]) -> RuleIndex:
@@ -103,3 +113,18 @@ def test_lookup_cost_does_not_grow_with_rules() -> None:
     for name in ("a.b.c.www.tiktok.com", "whatsapp-cdn-shv-01-lhr8.fbcdn.net", "nothing.here.invalid"):
         assert small.classify(name) == big.classify(name)
     assert big.classify("filler49999.example") == {"tiktok"}
+
+
+def test_all_valid_names_never_passes_what_is_valid_name_rejects() -> None:
+    rng = random.Random(7)
+    alphabet = "ab-_.0 #A\u00e9"
+    valid_batches = 0
+    for _ in range(20_000):
+        names = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 7))) for _ in range(rng.randrange(1, 4))]
+        every = all(is_valid_name(name) for name in names)
+        assert all_valid_names(names) == every, names
+        valid_batches += every
+    assert valid_batches > 100
+    assert all_valid_names(["a.example", "b-c.example"]) and not all_valid_names(["a.example", "-b.example"])
+    # Longer than 63 characters: not sure, so checked name by name by the caller.
+    assert not all_valid_names(["x" * 64 + ".example"])
