@@ -100,11 +100,11 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of a process, all its threads included."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, all its threads included."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 def load_average() -> float:
@@ -319,7 +319,9 @@ forward-zone:
         cpu_before = cpu_seconds(pid)
         out = subprocess.run(pinned(CLIENT_CPU, args), capture_output=True, text=True,
                              timeout=600 if once else seconds + 30).stdout
-        cpu = cpu_seconds(pid) - cpu_before
+        cpu_after = cpu_seconds(pid)
+        user, system = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+        cpu = user + system
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             spy.wait(60)
@@ -338,6 +340,9 @@ forward-zone:
             "completed": completed,
             "cpu_s": round(cpu, 3),
             "cpu_us_per_query": round(cpu / completed * 1e6, 2) if completed else 0.0,
+            # Kernel time (the UDP path, which every server pays) apart from the server's own work.
+            "user_us_per_query": round(user / completed * 1e6, 2) if completed else 0.0,
+            "system_us_per_query": round(system / completed * 1e6, 2) if completed else 0.0,
             "load_1min": load,
         }
         if verbose:

@@ -102,7 +102,8 @@ def main() -> None:
             names = [query(f"u{i}x{rng.randrange(10**6)}.{rng.choice(BLOCKED)}") for i in range(50_000)]
             return per_query_us(resolver, names)
 
-        per_query_us(resolver, memo_blocked[:100] + memo_allowed[:2000])  # remembered from now on
+        for _ in range(2):  # an answer is remembered the second time its name is asked
+            per_query_us(resolver, memo_blocked[:100] + memo_allowed[:2000])
         print(f"memo_blocked    {best(args.repeats, lambda: per_query_us(resolver, memo_blocked)):6.2f} µs/query")
         print(f"memo_allowed    {best(args.repeats, lambda: per_query_us(resolver, memo_allowed)):6.2f} µs/query")
         print(f"cached_allowed  {best(args.repeats, cached_run):6.2f} µs/query")

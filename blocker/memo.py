@@ -10,9 +10,10 @@ reload, so nothing in it can outlive the policy it was derived from. It holds:
   decision then depends on nothing else, not even the time;
 - answers: (transport, group, query bytes after the ID) -> the finished answer, for clients whose
   answer depends on their group alone (allowed, not a trusted forwarder, no exemption). A hit
-  answers without parsing or deciding again. An answer is kept the second time its query is
-  asked, not the first: most names of the long tail are asked once, and remembering each of them
-  cost an object per query and the garbage collector's time walking them all (bench/hotpath.py).
+  answers without parsing or deciding again. An answer is kept once its name is asked a second
+  time (the name is then in `categories`), not the first: most names of the long tail are asked
+  once, and remembering each of them cost an object per query and the garbage collector's time
+  walking them all (bench/hotpath.py).
 
 Each table is bounded; a full table is cleared and refills with what is asked now.
 """
@@ -54,7 +55,7 @@ class MemoHit:
 class PolicyMemo:
     """The running policy, its own answers, and everything remembered under it."""
 
-    __slots__ = ("answers", "categories", "clients", "decisions", "memo_clients", "policy", "replies", "seen")
+    __slots__ = ("answers", "categories", "clients", "decisions", "memo_clients", "policy", "replies")
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -65,16 +66,17 @@ class PolicyMemo:
         # Source address -> client, only for clients whose answers `replies` may hold.
         self.memo_clients: dict[str, Client] = {}
         self.replies: dict[tuple[str, str, bytes], MemoHit] = {}
-        # Keys of `replies` asked once so far (tuples of str and bytes: the collector does not track them).
-        self.seen: set[tuple[str, str, bytes]] = set()
 
-    def lookup(self, data: bytes, address: str, transport: str, now: float) -> tuple[Client, MemoHit] | None:
-        """A remembered answer to these exact query bytes from this source, if one is still valid."""
+    def lookup(self, data: bytes, address: str, transport: str,
+               monotonic: Callable[[], float]) -> tuple[Client, MemoHit] | None:
+        """A remembered answer to these exact query bytes from this source, if one is still valid.
+
+        The clock is read only for answers that expire (not for blocked ones)."""
         client = self.memo_clients.get(address)
         if client is None:
             return None
         hit = self.replies.get((transport, client.group, data[2:]))
-        if hit is None or (hit.valid_until != FOREVER and hit.valid_until <= now):
+        if hit is None or (hit.valid_until != FOREVER and hit.valid_until <= monotonic()):
             return None
         return client, hit
 
@@ -116,19 +118,6 @@ class PolicyMemo:
 
     def may_remember(self, address: str) -> bool:
         return address in self.memo_clients
-
-    def asked_before(self, key: tuple[str, str, bytes]) -> bool:
-        """Whether this key was offered to `remember` before; notes it if not."""
-        if key in self.replies:
-            return True  # a remembered answer that expired (its TTLs ticked): renew it at once
-        seen = self.seen
-        if key in seen:
-            seen.discard(key)
-            return True
-        if len(seen) >= MEMO_LIMIT:
-            seen.clear()
-        seen.add(key)
-        return False
 
     def remember(self, key: tuple[str, str, bytes], hit: MemoHit) -> None:
         if len(self.replies) >= MEMO_LIMIT:

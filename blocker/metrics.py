@@ -27,7 +27,7 @@ from blocker.policy import Action, Policy
 
 # 0.25 ms doubling to ~8 s: cached answers take well under a millisecond.
 TIME_BUCKETS = tuple(0.00025 * 2 ** i for i in range(16))
-_FIRST_BUCKET = TIME_BUCKETS[0]
+FIRST_BUCKET = TIME_BUCKETS[0]
 RELOAD_RESULTS = ("success", "failure")
 TRANSPORTS = ("udp", "tcp")
 ACTIONS = tuple(Action)
@@ -45,7 +45,7 @@ class Histogram:
 
     def observe(self, value: float) -> None:
         # Nearly every answer (blocked, cached) lands in the first bucket: skip the search for it.
-        if value <= _FIRST_BUCKET:
+        if value <= FIRST_BUCKET:
             self.counts[0] += 1
         else:
             self.counts[bisect_left(TIME_BUCKETS, value)] += 1

@@ -79,7 +79,7 @@ class Resolver:
         """The answer to one packet: bytes now, None to drop, or a coroutine that forwards it."""
         started = time.perf_counter()
         memo = self.memo
-        found = memo.lookup(data, address, transport, self.clock.monotonic())
+        found = memo.lookup(data, address, transport, self.clock.monotonic)
         if found is not None:
             client, hit = found
             if hit.blocked_counter is None:
@@ -118,6 +118,8 @@ class Resolver:
         client = request.client = memo.client(request.address, query.ecs)
         if not client.allowed:
             return self._done(request, memo.answers.refused(query), Action.REFUSED)
+        # A name asked before under this policy is likely asked again: its answer is worth remembering.
+        request.known = query.qname in memo.categories
         categories = memo.categories_of(query.qname)
         if categories:
             decision = memo.decision(client, query.qname, categories, self.clock.now)
@@ -140,7 +142,7 @@ class Resolver:
             return
         group = request.client.group  # type: ignore[union-attr]
         key = (request.transport, group, request.data[2:])
-        if not memo.asked_before(key):
+        if not request.known and key not in memo.replies:  # in replies: expired, renewed at once
             return
         stats = self.stats
         memo.remember(key,
@@ -228,7 +230,7 @@ class Resolver:
 class _Request:
     """One query on its way through the resolver."""
 
-    __slots__ = ("address", "client", "data", "decision", "memo", "query", "started", "transport")
+    __slots__ = ("address", "client", "data", "decision", "known", "memo", "query", "started", "transport")
 
     def __init__(self, data: bytes, query: Query, address: str, transport: str, started: float,
                  memo: PolicyMemo) -> None:
@@ -240,3 +242,4 @@ class _Request:
         self.memo = memo
         self.client: Client | None = None
         self.decision: Decision | None = None
+        self.known = False
