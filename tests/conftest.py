@@ -66,8 +66,11 @@ def blocker(knot: Knot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bl
 def blocker_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """caplog for the `blocker` logger, which does not propagate once blocker's logging is set up."""
     logger = logging.getLogger("blocker")
+    propagate = logger.propagate
+    logger.propagate = False  # records reach caplog once, through its handler here
     logger.addHandler(caplog.handler)
     try:
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
