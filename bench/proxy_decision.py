@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blocker.clients import identify  # noqa: E402
-from blocker.clock import Clock  # noqa: E402
-from blocker.policy import decide, explain, load_policy  # noqa: E402
+from blocker.clients import identify
+from blocker.clock import Clock
+from blocker.policy import decide, explain, load_policy
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import standard_config
+from conftest import short_exemption, standard_config
 
 from blocker.audit import ExemptionAudit
 from blocker.clock import ManualClock
@@ -67,14 +67,7 @@ def test_the_daemon_tick_logs_an_expiry_without_any_reload(tmp_path: Path,
                                                            blocker_log: pytest.LogCaptureFixture) -> None:
     clock = ManualClock()
     expires = (clock.now() + timedelta(seconds=30)).isoformat()
-    config = standard_config(tmp_path, ["127.0.0.1:9"], policy=f"""\
-policy:
-  devices:
-    - {{id: MPS-SHORT, addresses: ["127.0.0.6"], group: standard}}
-  exemptions:
-    - {{device: MPS-SHORT, allow: [whatsapp], approved_by: "Supt. A. Smith", reference: "CHG-SHORT",
-       reason: "Test", expires: "{expires}"}}
-""")
+    config = standard_config(tmp_path, ["127.0.0.1:9"], policy=short_exemption(expires))
     daemon = Daemon(config, load_policy(config), clock)
     daemon.audit.update(daemon.policy.config.policy.exemptions, clock.now(), daemon.policy.version)
     with blocker_log.at_level(logging.INFO, logger="blocker"):

@@ -14,7 +14,7 @@ import dns.edns
 import dns.message
 import dns.rcode
 import pytest
-from conftest import standard_config
+from conftest import short_exemption, standard_config
 from helpers import BlackHole, Knot, edes
 
 from blocker.cache import AnswerCache
@@ -212,14 +212,7 @@ def test_cached_answer_ttl_counts_down_with_the_clock_also_from_the_memo(knot: K
 def test_exemption_caps_the_ttl_and_ends_at_its_expiry_without_reload(knot: Knot, tmp_path: Path) -> None:
     clock = ManualClock()
     expires = (clock.now() + timedelta(seconds=90)).isoformat()
-    policy = policy_for(tmp_path, [knot.endpoint], policy=f"""\
-policy:
-  devices:
-    - {{id: MPS-SHORT, addresses: ["127.0.0.6"], group: standard}}
-  exemptions:
-    - {{device: MPS-SHORT, allow: [whatsapp], approved_by: "Supt. A. Smith", reference: "CHG-SHORT",
-       reason: "Test", expires: "{expires}"}}
-""")
+    policy = policy_for(tmp_path, [knot.endpoint], policy=short_exemption(expires))
 
     async def scenario(harness: Harness) -> None:
         before = await harness.ask("web.whatsapp.com", source="127.0.0.6")
