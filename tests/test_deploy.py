@@ -34,7 +34,7 @@ def test_every_alert_has_a_unit_test() -> None:
               if case.get("exp_alerts")}
     assert alerts == tested
     assert {"BlockerDown", "BlockerUpstreamsAllFailing", "BlockerServfailRatioHigh", "BlockerLatencyHigh",
-            "BlockerConfigReloadFailing", "BlockerPolicyStale", "BlockerExemptionsExpiringSoon",
+            "BlockerConfigReloadFailing", "BlockerPolicyNotLoaded", "BlockerExemptionsExpiringSoon",
             "BlockerQueryLogDropping"} <= alerts
 
 
