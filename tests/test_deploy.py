@@ -96,6 +96,13 @@ def test_compose_stack_is_consistent(tmp_path: Path) -> None:
     blocker_config = yaml.safe_load((DEPLOY / "compose" / "blocker.yaml").read_text())
     assert blocker_config["metrics"]["listen"].endswith(f":{port}")
     assert f"127.0.0.1:{port}:{port}/tcp" in services["blocker"]["ports"]
+    [dns] = blocker_config["dns"]["listen"]
+    dns_port = int(dns.rsplit(":", 1)[1])
+    assert dns_port == 8053  # the container's port, not mDNS's 5353
+    assert {f"127.0.0.1:{dns_port}:{dns_port}/udp", f"127.0.0.1:{dns_port}:{dns_port}/tcp"} <= set(
+        services["blocker"]["ports"])
+    assert f"dig @127.0.0.1 -p {dns_port} " in (DEPLOY / "compose.yaml").read_text()
+    assert f"dig @127.0.0.1 -p {dns_port} " in (ROOT / "README.md").read_text()
     provisioning = DEPLOY / "grafana" / "provisioning"
     datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
