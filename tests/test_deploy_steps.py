@@ -127,7 +127,7 @@ def test_install_steps_run_as_written_in_a_clean_venv(tmp_path: Path, wheelhouse
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{script}\n{output}"
     config = prefix / "etc" / "blocker" / "blocker.yaml"
-    assert f"OK: policy " in result.stdout and f"from {config}:" in result.stdout, output
+    assert "OK: policy " in result.stdout and f"from {config}:" in result.stdout, output
     assert f"{prefix}/etc/blocker/blocklists/tiktok.yaml: category tiktok:" in result.stdout
     blocker = prefix / "opt" / "blocker" / "bin" / "blocker"
     where = subprocess.run([str(blocker.with_name("python")), "-c", "import blocker, uvloop; print(blocker.__file__)"],
@@ -203,7 +203,8 @@ def test_logrotate_snippet_rotates_the_query_log_and_loses_nothing(knot: Knot, t
         script = re.compile(r"^( +)systemctl reload blocker$", re.M)
         assert len(script.findall(snippet)) == 1
         conf = tmp_path / "logrotate.conf"
-        conf.write_text(script.sub(rf"\1kill -HUP {server.process.pid}", snippet.replace("/var/log/blocker/", f"{logs}/")))
+        moved = snippet.replace("/var/log/blocker/", f"{logs}/")
+        conf.write_text(script.sub(rf"\1kill -HUP {server.process.pid}", moved))
         logrotate = [require_tool("logrotate"), "--state", str(tmp_path / "logrotate.state"), "--force", str(conf)]
         for round_, count in enumerate((5, 3, 2), start=1):
             mark = len(server.lines)
