@@ -9,12 +9,16 @@ documented.
 from __future__ import annotations
 
 import ast
+import dataclasses
+import ipaddress
 import re
 import subprocess
 import sys
 
 import yaml
 from helpers import ROOT
+
+from blocker import config as config_module
 
 DOCS = ROOT / "docs"
 PARSERS = [ROOT / "blocker" / "config.py", ROOT / "blocker" / "blocklists.py"]
@@ -108,3 +112,40 @@ def test_the_readme_points_at_the_reference() -> None:
     for path in re.findall(r"\]\(([^)#:]+)\)", (DOCS / "configuration.md").read_text()):
         assert (DOCS / path).exists(), path
 
+
+
+def rendered(value: object) -> str:
+    """A default as the reference writes it (YAML flow style)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, config_module.BlockResponse):
+        return value.kind
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int) and isinstance(value[0], str):
+        host = f"[{value[0]}]" if ":" in value[0] else value[0]
+        return f'"{host}:{value[1]}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(rendered(v) if isinstance(v, tuple) else f'"{v}"' for v in value) + "]"
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return f'"{value}"'
+    return str(value)
+
+
+def test_the_reference_gives_the_defaults_the_code_has() -> None:
+    text = (DOCS / "configuration.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w.]+)` \| [^|]* \| ([^|]*) \|", text, re.M)}
+    sections = {"dns": config_module.DnsConfig(), "metrics": config_module.MetricsConfig(),
+                "query_log": config_module.QueryLogConfig(), "proxy": config_module.ProxyConfig()}
+    checked = 0
+    for section, defaults in sections.items():
+        for field in dataclasses.fields(defaults):  # type: ignore[arg-type]
+            key = f"{section}.{field.name}"
+            if key == "dns.upstreams":  # from /etc/resolv.conf, not a constant
+                continue
+            assert key in rows, f"docs/configuration.md has no table row for {key}"
+            expected = rendered(getattr(defaults, field.name))
+            assert f"`{expected}`" in rows[key], f"{key}: the code has {expected}, the reference {rows[key]}"
+            checked += 1
+    assert f"`{config_module.PolicyConfig().default_group}`" in rows["policy.default_group"]
+    assert checked >= 12
