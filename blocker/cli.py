@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from blocker import __version__
-from blocker.clients import Client
+from blocker.clients import Client, identify
 from blocker.errors import BlockerError, ConfigError
-from blocker.policy import Action, Decision, Policy, check_name, decide, identify, load_policy
+from blocker.policy import Action, Decision, Policy, check_name, explain, load_policy
 
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -245,7 +245,7 @@ def run_check(args: argparse.Namespace) -> int:
             return 2
     else:
         client = Client("-", None, policy.config.policy.default_group, True)
-    decision = decide(policy, client, qname, datetime.now(UTC))
+    decision = explain(policy, client, qname, datetime.now(UTC))
     code = 0 if decision.action in (Action.ALLOWED, Action.EXEMPTED) else 1
     args._code = code  # kept if the reader of stdout goes away mid-report
     report = _report(policy, client, qname, decision)
