@@ -101,7 +101,7 @@ def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
     for group in config.policy.groups.values():
         for category in group.block:
             if category not in known:
-                line = config.lines.get(f"group:{group.name}:{category}", group.line)
+                line = config.lines.get(f"group:{group.name}:{category}", group.line) or 1
                 problems.append(Problem(source, line, f"group '{group.name}' blocks unknown category '{category}'"))
     for exemption in config.policy.exemptions:
         for category in exemption.allow:
