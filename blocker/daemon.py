@@ -85,7 +85,7 @@ class Daemon:
         self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock)
         self.listeners = Listeners(self.resolver)
         self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
-        self.audit = ExemptionAudit()
+        self.audit = ExemptionAudit(policy.config.audit.path)  # audit.path: read at start only
         self.querylog: QueryLog | None = None
         self._configure_querylog(policy)
         self.ops: OpsServer | None = None
