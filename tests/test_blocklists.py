@@ -12,7 +12,7 @@ from blocker.blocklists import load_blocklists
 from blocker.errors import ConfigError
 
 SHIPPED = ROOT / "blocklists"
-REFERENCE = ROOT.parent / "shared" / "reference" / "domains"
+REFERENCE = ROOT / "tests" / "data" / "reference"
 
 
 def test_include_reads_plain_hosts_and_adblock_lines(tmp_path: Path) -> None:
@@ -148,10 +148,14 @@ def test_large_include_loads_in_bulk_with_every_odd_line_still_read_and_placed(t
     [problem] = failed.value.problems
     assert (Path(problem.file).name, problem.line) == ("big.txt", 2101)
     (tmp_path / "big.txt").write_text("\n".join(line for line in lines if line != "bad..example") + "\n")
-    index = load_blocklists(tmp_path).index
+    lists = load_blocklists(tmp_path)
+    index = lists.index
     for name in ("n0.bulk.example", "x.n2999.bulk.example", "upper-case.example", "hosts.example", "n5.bulk.example"):
         assert index.classify(name) == {"big"}, name
     assert index.classify("shared.example") == {"big", "other"}
     assert index.classify("n3000.bulk.example") == frozenset()
-    assert index.rule_count == 2999 + 1  # every line of big.txt, and the fixed rule
+    assert index.rule_count == 2998 + 1  # every line of big.txt but the duplicate, and the fixed rule
+    [duplicate] = [w for w in lists.warnings if "duplicate" in w.message]
+    assert (Path(duplicate.file).name, duplicate.line) == ("big.txt", 2600)
+    assert "'n5.bulk.example'" in duplicate.message
     assert index.lookup("hosts.example").sources[0].line == 1501
