@@ -20,7 +20,7 @@ _TTL = struct.Struct("!I")
 class CacheEntry:
     """One upstream answer with what is needed to serve it again."""
 
-    __slots__ = ("expires", "offsets", "rendered", "rendered_age", "rendered_plain", "stored",
+    __slots__ = ("expires", "offsets", "plain_age", "rendered", "rendered_age", "rendered_plain", "stored",
                  "target_categories", "target_policy", "targets", "ttls", "wire", "without_opt")
 
     def __init__(self, wire: bytes, scan: Scan, stored: float, lifetime: float) -> None:
@@ -31,7 +31,7 @@ class CacheEntry:
         self.targets = scan.cname_targets
         self.stored = stored
         self.expires = stored + lifetime
-        self.rendered_age = 0
+        self.rendered_age = self.plain_age = 0
         self.rendered = wire
         self.rendered_plain = scan.without_opt
         # The categories of the CNAME targets depend on the policy only, not the client: memoised.
@@ -42,11 +42,16 @@ class CacheEntry:
         """The answer with TTLs counted down to `now` (and no higher than `cap` seconds)."""
         age = int(now - self.stored)
         if cap is None:
-            if age != self.rendered_age:
-                self.rendered = _with_ttls(self.wire, self.offsets, self.ttls, age, None)
+            # Each form re-rendered only when asked for at a new age: most clients ask with EDNS, or all without.
+            if edns:
+                if age != self.rendered_age:
+                    self.rendered = _with_ttls(self.wire, self.offsets, self.ttls, age, None)
+                    self.rendered_age = age
+                return self.rendered
+            if age != self.plain_age:
                 self.rendered_plain = _with_ttls(self.without_opt, self.offsets, self.ttls, age, None)
-                self.rendered_age = age
-            return self.rendered if edns else self.rendered_plain
+                self.plain_age = age
+            return self.rendered_plain
         return _with_ttls(self.wire if edns else self.without_opt, self.offsets, self.ttls, age, cap)
 
 

@@ -10,9 +10,11 @@ queries waiting on upstreams is capped so a dead upstream cannot pile up unbound
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import struct
 import time
+from array import array
 from collections.abc import Sequence
 
 from blocker.config import DnsConfig
@@ -59,6 +61,24 @@ class _UdpChannel(asyncio.DatagramProtocol):
         self.transport = None
 
 
+def _time_out(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class _QueryIds:
+    """Unpredictable 16-bit query IDs (RFC 5452 against spoofed answers), drawn from the OS's
+    random source 1,024 at a time: one system call per 1,024 forwarded queries, not one each."""
+
+    def __init__(self) -> None:
+        self._pool = array("H")
+
+    def draw(self) -> int:
+        if not self._pool:
+            self._pool = array("H", os.urandom(2048))
+        return self._pool.pop()
+
+
 class Upstreams:
     """The configured upstream servers, asked in order."""
 
@@ -73,6 +93,7 @@ class Upstreams:
         self._channels: dict[Endpoint, _UdpChannel] = {}
         self._opening: dict[Endpoint, asyncio.Lock] = {}
         self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
+        self._ids = _QueryIds()
 
     @property
     def busy(self) -> bool:
@@ -146,16 +167,20 @@ class Upstreams:
     async def _ask_udp(self, endpoint: Endpoint, query: Query) -> bytes:
         channel = await self._channel(endpoint)
         pending = channel.pending
-        query_id = secrets.randbelow(65536)
+        query_id = self._ids.draw()
         while query_id in pending:
-            query_id = secrets.randbelow(65536)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            query_id = self._ids.draw()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
         pending[query_id] = (query.question, future)
+        # A timer on the future itself: asyncio.wait_for costs a task and a waiter per query.
+        timer = loop.call_later(self.timeout, _time_out, future)
         try:
             assert channel.transport is not None
             channel.transport.sendto(upstream_query(query, query_id))
-            return await asyncio.wait_for(future, self.timeout)
+            return await future
         finally:
+            timer.cancel()
             pending.pop(query_id, None)
 
     async def _ask_tcp(self, endpoint: Endpoint, query: Query) -> bytes:

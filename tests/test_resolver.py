@@ -300,3 +300,13 @@ def test_ecs_from_a_trusted_forwarder_names_the_device(knot: Knot, tmp_path: Pat
         assert (await ask_with_ecs(harness, "127.0.0.8")).rcode() == dns.rcode.NXDOMAIN  # ECS ignored
 
     run(policy, scenario)
+
+
+def test_upstream_query_ids_are_random_16_bit_values_across_refills() -> None:
+    from blocker.upstream import _QueryIds
+
+    ids = _QueryIds()
+    drawn = [ids.draw() for _ in range(5000)]  # several refills of 1,024
+    assert all(0 <= i < 65536 for i in drawn)
+    assert len(set(drawn)) > 4500  # unpredictable, not a counter or a constant (5000 of 65536: few repeats)
+    assert drawn[:1024] != sorted(drawn[:1024])
