@@ -13,9 +13,7 @@ without EDNS get the OPT record cut out on the way. Answers over MAX_ENTRY_BYTES
 from __future__ import annotations
 
 import struct
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 
 from blocker.message import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_SERVFAIL, Scan
 
@@ -97,13 +95,12 @@ def lifetime_of(scan: Scan) -> float:
 
 
 class AnswerCache:
-    """An LRU of upstream answers bounded by entries and by bytes; `clock` is injectable for tests."""
+    """An LRU of upstream answers bounded by entries and by bytes; every call takes `now`
+    (monotonic seconds) from the caller's clock."""
 
-    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic,
-                 max_bytes: int = DEFAULT_BYTES - DEFAULT_BYTES // MEMO_SHARE) -> None:
+    def __init__(self, size: int, max_bytes: int = DEFAULT_BYTES - DEFAULT_BYTES // MEMO_SHARE) -> None:
         self.size = size
         self.max_bytes = max_bytes
-        self.clock = clock
         self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
         self.bytes = 0  # the sum of the entries' sizes (answer, key, bookkeeping)
         self.hits = 0
