@@ -31,6 +31,11 @@ _TTL = struct.Struct("!I")
 _COUNT = struct.Struct("!H")
 
 
+def cache_share(cache_bytes: int) -> int:
+    """The answer cache's part of `dns.cache_bytes` (the memo has the rest)."""
+    return cache_bytes - cache_bytes // MEMO_SHARE
+
+
 class CacheEntry:
     """One upstream answer with what is needed to serve it again."""
 
@@ -63,6 +68,11 @@ class CacheEntry:
         if edns or self.opt_span is None:
             return wire
         return _without_opt(wire, self.opt_span)
+
+    @property
+    def without_opt(self) -> bytes:
+        """The answer as last rendered, without its OPT record."""
+        return self.wire if self.opt_span is None else _without_opt(self.wire, self.opt_span)
 
 
 def _with_ttls(wire: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int,

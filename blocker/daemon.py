@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from blocker.audit import ExemptionAudit
-from blocker.cache import AnswerCache
+from blocker.cache import AnswerCache, cache_share
 from blocker.clock import Clock
 from blocker.errors import ConfigError
 from blocker.httpd import OpsServer
-from blocker.metrics import Gauges, Stats, make_registry
+from blocker.metrics import Gauges, MemoryCounts, Stats, make_registry
 from blocker.policy import Policy
 from blocker.querylog import QueryLog
 from blocker.recorder import Recorder
@@ -76,7 +76,7 @@ class Daemon:
         self.stats = Stats()
         self.stats.prepare(policy.group_order, policy.lists.categories)
         dns = policy.config.dns
-        self.cache = AnswerCache(dns.cache_size)
+        self.cache = AnswerCache(dns.cache_size, cache_share(dns.cache_bytes))
         self.upstreams = follow_config(None, dns, self.stats)
         self.recorder = Recorder(self.stats, self.clock)
         self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock)
@@ -102,7 +102,7 @@ class Daemon:
             await self.listeners.close(0)
             return 2
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         self.stats.reloaded(True)
@@ -137,7 +137,8 @@ class Daemon:
                 return False
             log.info("listening dns=%s (udp+tcp)", format_endpoint(*bound))
         if config.metrics.listen is not None:
-            gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog)
+            gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog,
+                            self._memory_numbers)
             try:
                 self.ops = OpsServer(*config.metrics.listen, make_registry(self.stats, gauges), lambda: self.ready)
             except OSError as err:
@@ -176,6 +177,16 @@ class Daemon:
         cache = self.cache
         return len(cache), cache.hits, cache.misses, cache.evictions
 
+    def _memory_numbers(self) -> MemoryCounts:
+        cache, memo = self.cache, self.resolver.memo
+        return MemoryCounts(cache.bytes, cache.max_bytes, cache.too_large, memo.bytes, memo.max_bytes)
+
+    def _sighup(self) -> None:
+        # The query log follows logrotate whatever becomes of the reload (a broken config included).
+        if self.querylog is not None:
+            self.querylog.reopen()
+        _spawn(self.reload("SIGHUP"))
+
     async def reload(self, why: str) -> bool:
         """Load and compile the policy again; swap it in only if it is whole."""
         return await self.source.reload(why)
@@ -201,7 +212,7 @@ class Daemon:
             self.upstreams = self.resolver.upstreams = upstreams
             # Answers from the old upstreams may differ: start the cache afresh.
             self.cache.clear()
-        self.cache.size = new.dns.cache_size
+        self.cache.resize(new.dns.cache_size, cache_share(new.dns.cache_bytes))
         if new.dns.listen != old.dns.listen or new.metrics.listen != old.metrics.listen:
             log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
         self.stats.prepare(policy.group_order, policy.lists.categories)

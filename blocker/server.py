@@ -30,9 +30,6 @@ TCP_MAX_PIPELINE = 100  # queries one connection may have outstanding at once
 TCP_SEND_BUFFER = 64 * 1024
 # Output waiting in our buffer (beyond what the kernel holds) for a client that is not reading.
 TCP_MAX_BUFFERED = 1024 * 1024
-# Why a connection was refused or dropped early: at the per-client limit, every slot busy, shed
-# because idle when a new one came, or a client that did not take its answers in time.
-TCP_CLOSE_REASONS = ("client_limit", "full", "shed_idle", "write_timeout")
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 _LENGTH = struct.Struct("!H")
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -202,14 +199,14 @@ class TcpListener:
         self.tasks = tasks
         self.connections: dict[TcpConnection, None] = {}  # oldest first
         self.per_address: dict[str, int] = {}
-        self.closed: dict[str, int] = dict.fromkeys(TCP_CLOSE_REASONS, 0)
         self.closing = False
 
     def settings(self) -> DnsConfig:
         return self.resolver.policy.config.dns
 
     def count(self, reason: str) -> None:
-        self.closed[reason] += 1
+        """One connection refused or dropped (metrics.TCP_CLOSE_REASONS)."""
+        self.resolver.stats.tcp_closed[reason] += 1
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)
