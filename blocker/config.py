@@ -7,6 +7,7 @@ config file. Without a file, `embedded_defaults()` gives the behaviour `blocker 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -63,6 +64,7 @@ class MetricsConfig:
 class QueryLogConfig:
     path: Path | None = None
     only_blocked: bool = False
+    mode: int = 0o600  # of a newly created log file: it names every handset's lookups
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +347,7 @@ def _blocklists_path(read: Reader, node: yaml.Node | None, base: Path) -> Path:
 
 
 def _query_log(read: Reader, node: yaml.Node | None, base: Path) -> QueryLogConfig:
-    fields = read.mapping(node, "query_log", {"path", "only_blocked"})
+    fields = read.mapping(node, "query_log", {"path", "only_blocked", "mode"})
     path = None
     if "path" in fields and not (isinstance(fields["path"], yaml.ScalarNode)
                                  and fields["path"].tag.endswith(":null")):
@@ -354,7 +356,15 @@ def _query_log(read: Reader, node: yaml.Node | None, base: Path) -> QueryLogConf
     only_blocked = False
     if "only_blocked" in fields:
         only_blocked = bool(read.boolean(fields["only_blocked"], "query_log.only_blocked"))
-    return QueryLogConfig(path, only_blocked)
+    mode = QueryLogConfig().mode
+    if "mode" in fields:
+        node = fields["mode"]
+        text = node.value if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"') else None
+        if text is None or not re.fullmatch(r"0?[0-7]{3}", text):
+            read.error(node, "query_log.mode must be a quoted octal file mode such as \"0600\" or \"0640\"")
+        else:
+            mode = int(text, 8)
+    return QueryLogConfig(path, only_blocked, mode)
 
 
 def _proxy(read: Reader, node: yaml.Node | None) -> ProxyConfig:

@@ -157,10 +157,11 @@ class Daemon:
         if settings.path is None:
             self.querylog = None
         elif current is None:
-            self.querylog = QueryLog(settings.path, settings.only_blocked)
+            self.querylog = QueryLog(settings.path, settings.only_blocked, mode=settings.mode)
             self.querylog.start()
         else:
             current.only_blocked = settings.only_blocked
+            current.mode = settings.mode
             current.reopen()  # after a SIGHUP from logrotate, write to the new file
         self.recorder.querylog = self.querylog
 
