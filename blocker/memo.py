@@ -24,7 +24,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from blocker.answers import BlockAnswers
-from blocker.cache import MEMO_SHARE
+from blocker.cache import MAX_ENTRY_BYTES, MEMO_SHARE
 from blocker.clients import Client, identify
 from blocker.policy import CANARY_NAMES, Action, Decision, Policy, decide_categories
 
@@ -161,4 +161,5 @@ class PolicyMemo:
         return address in self.memo_clients
 
     def remember(self, key: tuple[str, str, bytes], hit: MemoHit) -> None:
-        self.replies.add(key, hit)
+        if len(hit.reply) <= MAX_ENTRY_BYTES:  # what is too large for the cache is too large here
+            self.replies.add(key, hit)

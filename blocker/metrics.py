@@ -33,8 +33,9 @@ TRANSPORTS = ("udp", "tcp")
 ACTIONS = tuple(Action)
 UPSTREAM_RESULTS = ("ok", "servfail", "refused", "timeout", "error", "truncated")
 # Why a TCP connection was refused or dropped early: at the per-client limit, every slot busy, shed
-# because idle when a new one came, or a client that did not take its answers in time.
-TCP_CLOSE_REASONS = ("client_limit", "full", "shed_idle", "write_timeout")
+# because idle when a new one came, a client that did not take its answers in time, or the one
+# holding the most answers when too many wait to be written.
+TCP_CLOSE_REASONS = ("client_limit", "full", "shed_idle", "write_timeout", "wait_limit")
 
 
 class Histogram:

@@ -28,8 +28,12 @@ TCP_MAX_PIPELINE = 100  # queries one connection may have outstanding at once
 # The kernel's send buffer per client connection, fixed (no autotuning to megabytes): answers a
 # client does not read pile up in our buffer soon, where the write timeout sees them.
 TCP_SEND_BUFFER = 64 * 1024
-# Output waiting in our buffer (beyond what the kernel holds) for a client that is not reading.
-TCP_MAX_BUFFERED = 1024 * 1024
+# Our own write buffer per connection: past this, the next answer waits until the client reads.
+TCP_WRITE_HIGH_WATER = 32 * 1024
+# Bytes of answers waiting to be written, all connections together (Unbound's stream-wait-size):
+# past this, the connection with the most waiting is dropped. A pipelining client may have up to
+# TCP_MAX_PIPELINE answers of up to 64 KiB on their way; this bounds what all of them hold.
+TCP_WAIT_BYTES = 32 * 1024 * 1024
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 _LENGTH = struct.Struct("!H")
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -73,13 +77,13 @@ class UdpListener(asyncio.DatagramProtocol):
 class TcpConnection:
     """One client TCP connection: reads queries, writes answers as they complete, never blocks forever.
 
-    Every write is bounded: an answer that cannot be handed to the kernel within the write timeout
-    (a client that pipelines queries and never reads) drops the connection, and so does output
-    piling up past TCP_MAX_BUFFERED.
+    Every write is bounded: answers are written one at a time, and one that cannot be handed over
+    within the write timeout (a client that pipelines queries and never reads) drops the connection.
+    While our buffer is full, no new query is read.
     """
 
-    __slots__ = ("address", "listener", "outstanding", "reader", "stopping", "task", "transport", "waiting",
-                 "writer")
+    __slots__ = ("address", "listener", "outstanding", "queued", "reader", "stopping", "task", "transport",
+                 "waiting", "write_lock", "writer")
 
     def __init__(self, listener: TcpListener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  address: str) -> None:
@@ -93,6 +97,9 @@ class TcpConnection:
         # The timeout of the wait for a new query, while waiting for one: shutdown cuts it short.
         self.waiting: asyncio.Timeout | None = None
         self.task = asyncio.current_task()
+        self.write_lock = asyncio.Lock()
+        self.queued = 0  # bytes of answers waiting for their turn to be written
+        self.transport.set_write_buffer_limits(high=TCP_WRITE_HIGH_WATER)
 
     @property
     def idle(self) -> bool:
@@ -149,22 +156,28 @@ class TcpConnection:
         transport = self.transport
         if transport.is_closing():
             return
-        buffered = transport.get_write_buffer_size()
-        if buffered > TCP_MAX_BUFFERED:
-            self.listener.count("write_timeout")
-            self.abort()
-            return
-        self.writer.write(_LENGTH.pack(len(reply)) + reply)
-        if buffered == 0 and transport.get_write_buffer_size() == 0:
-            return  # the kernel took it all: the common case, no waiting
+        listener = self.listener
+        size = len(reply) + 2
+        self.queued += size
+        listener.queued += size
         try:
-            async with asyncio.timeout(self.listener.settings().tcp_write_timeout):
-                await self.writer.drain()
+            if listener.queued > TCP_WAIT_BYTES:
+                listener.shed_largest()
+            async with self.write_lock:
+                if transport.is_closing():
+                    return
+                self.writer.write(_LENGTH.pack(len(reply)) + reply)
+                if transport.get_write_buffer_size() > TCP_WRITE_HIGH_WATER:
+                    async with asyncio.timeout(listener.settings().tcp_write_timeout):
+                        await self.writer.drain()
         except TimeoutError:
-            self.listener.count("write_timeout")
+            listener.count("write_timeout")
             self.abort()
         except (ConnectionError, OSError):
             self.abort()
+        finally:
+            self.queued -= size
+            listener.queued -= size
 
     def abort(self) -> None:
         """Drop the connection at once with a reset, discarding what the kernel still holds for it."""
@@ -199,6 +212,7 @@ class TcpListener:
         self.tasks = tasks
         self.connections: dict[TcpConnection, None] = {}  # oldest first
         self.per_address: dict[str, int] = {}
+        self.queued = 0  # bytes of answers waiting to be written, every connection together
         self.closing = False
 
     def settings(self) -> DnsConfig:
@@ -207,6 +221,20 @@ class TcpListener:
     def count(self, reason: str) -> None:
         """One connection refused or dropped (metrics.TCP_CLOSE_REASONS)."""
         self.resolver.stats.tcp_closed[reason] += 1
+
+    def shed_largest(self) -> None:
+        """Too many answers wait to be written: drop the connection holding the most of them."""
+        largest, most = None, 0
+        for connection in self.connections:
+            transport = connection.transport
+            if transport.is_closing():
+                continue
+            held = connection.queued + transport.get_write_buffer_size()
+            if held > most:
+                largest, most = connection, held
+        if largest is not None:
+            self.count("wait_limit")
+            largest.abort()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)

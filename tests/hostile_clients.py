@@ -131,3 +131,61 @@ class TcpProber:
             self.answered += 1
             self.slowest = max(self.slowest, time.monotonic() - started)
             self._stop.wait(0.01)
+
+
+def udp_flood(port: int, names: list[str], rdtype: str = "TXT", window: int = 200, timeout: float = 30.0) -> int:
+    """Ask every name once over UDP, keeping up to `window` queries outstanding; the number answered."""
+    import select
+
+    answered = 0
+    outstanding = 0
+    sent = 0
+    wires = [dns.message.make_query(name, rdtype, use_edns=0, payload=1232, id=i % 65536).to_wire()
+             for i, name in enumerate(names)]
+    end = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        sock.setblocking(False)
+        idle_since = time.monotonic()
+        while time.monotonic() < end and (sent < len(wires) or outstanding):
+            while sent < len(wires) and outstanding < window:
+                sock.sendto(wires[sent], ("127.0.0.1", port))
+                sent += 1
+                outstanding += 1
+            ready, _, _ = select.select([sock], [], [], 0.05)
+            if ready:
+                idle_since = time.monotonic()
+                while True:
+                    try:
+                        sock.recv(65535)
+                    except BlockingIOError:
+                        break
+                    answered += 1
+                    outstanding -= 1
+            elif time.monotonic() - idle_since > 2.0:
+                outstanding = 0  # lost: send the rest
+    return answered
+
+
+def tcp_flood(port: int, names: list[str], rdtype: str = "TXT", connections: int = 4,
+              timeout: float = 30.0) -> list[int]:
+    """Ask the names over TCP, pipelined on a few connections, reading every answer; their sizes."""
+    sizes: list[int] = []
+    lock = threading.Lock()
+
+    def one(part: list[str]) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"".join(framed(name, rdtype, i) for i, name in enumerate(part)))
+            stream = sock.makefile("rb")
+            for _ in part:
+                length = struct.unpack("!H", stream.read(2))[0]
+                data = stream.read(length)
+                with lock:
+                    sizes.append(len(data))
+
+    threads = [threading.Thread(target=one, args=(names[i::connections],)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return sizes
