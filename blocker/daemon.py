@@ -23,6 +23,7 @@ from blocker.audit import ExemptionAudit
 from blocker.cache import AnswerCache, cache_share
 from blocker.clock import Clock
 from blocker.errors import ConfigError
+from blocker.gcstats import GcPauses
 from blocker.httpd import OpsServer
 from blocker.metrics import Gauges, MemoryCounts, Stats, make_registry
 from blocker.policy import Policy
@@ -140,7 +141,9 @@ class Daemon:
             gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog,
                             self._memory_numbers)
             try:
-                self.ops = OpsServer(*config.metrics.listen, make_registry(self.stats, gauges), lambda: self.ready)
+                registry = make_registry(self.stats, gauges)
+                registry.register(GcPauses().install())
+                self.ops = OpsServer(*config.metrics.listen, registry, lambda: self.ready)
             except OSError as err:
                 log.error("%s", bind_error("for metrics (http)", format_endpoint(*config.metrics.listen), err))
                 return False
