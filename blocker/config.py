@@ -65,7 +65,7 @@ class MetricsConfig:
 class QueryLogConfig:
     path: Path | None = None
     only_blocked: bool = False
-    mode: int = 0o600  # of a newly created log file: it names every handset's lookups
+    mode: str = "0600"  # octal, of a newly created log file: it names every handset's lookups
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +400,7 @@ def _query_log(read: Reader, node: yaml.Node | None, base: Path) -> QueryLogConf
         if text is None or not re.fullmatch(r"0?[0-7]{3}", text):
             read.error(node, "query_log.mode must be a quoted octal file mode such as \"0600\" or \"0640\"")
         else:
-            mode = int(text, 8)
+            mode = text
     return QueryLogConfig(path, only_blocked, mode)
 
 

@@ -163,11 +163,11 @@ class Daemon:
         if settings.path is None:
             self.querylog = None
         elif current is None:
-            self.querylog = QueryLog(settings.path, settings.only_blocked, mode=settings.mode)
+            self.querylog = QueryLog(settings.path, settings.only_blocked, mode=int(settings.mode, 8))
             self.querylog.start()
         else:
             current.only_blocked = settings.only_blocked
-            current.mode = settings.mode
+            current.mode = int(settings.mode, 8)
             current.reopen()  # after a SIGHUP from logrotate, write to the new file
         self.recorder.querylog = self.querylog
 

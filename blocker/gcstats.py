@@ -1,6 +1,14 @@
-"""Garbage-collector pauses, timed with `gc.callbacks`: a full collection stops the event loop,
-so its length is answer latency. Exported as `blocker_gc_pause_seconds{generation}` and the
-longest pause seen."""
+"""Garbage-collector pauses: timed with `gc.callbacks`, and kept short by freezing survivors.
+
+A full collection stops the event loop for as long as it takes to walk every tracked object, and
+the answer cache and memo hold ~100,000 of them: measured under a unique-name flood, 38 full
+collections in 120 s took 13 s together, the longest 0.7 s. What survives a full collection is
+long-lived (cache and memo entries, the policy), so it is frozen (`gc.freeze`): the next full
+collections walk only what came since. Frozen objects are still freed by reference counting;
+only garbage cycles among them wait, for the thaw every THAW_SECONDS (one full walk then).
+
+Exported as `blocker_gc_pause_seconds{generation}` and `blocker_gc_pause_longest_seconds`.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +22,18 @@ from prometheus_client.registry import Collector
 
 from blocker.metrics import Histogram
 
+THAW_SECONDS = 900.0
+
 
 class GcPauses(Collector):
-    """Times every collection; install once per process, register with the metrics registry."""
+    """Times every collection and freezes what survives full ones; install once per process."""
 
-    def __init__(self) -> None:
+    def __init__(self, freeze: bool = True) -> None:
         self.histograms = [Histogram() for _ in range(3)]
         self.longest = 0.0
+        self.freeze = freeze
         self._started = 0.0
+        self._thawed = time.monotonic()
 
     def install(self) -> GcPauses:
         if self._callback not in gc.callbacks:
@@ -33,13 +45,21 @@ class GcPauses(Collector):
             gc.callbacks.remove(self._callback)
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        now = time.perf_counter()
         if phase == "start":
-            self._started = time.perf_counter()
+            self._started = now
             return
-        pause = time.perf_counter() - self._started
-        self.histograms[info.get("generation", 2)].observe(pause)
+        pause = now - self._started
+        generation = info.get("generation", 2)
+        self.histograms[generation].observe(pause)
         if pause > self.longest:
             self.longest = pause
+        if generation == 2 and self.freeze:
+            if time.monotonic() - self._thawed >= THAW_SECONDS:
+                gc.unfreeze()  # the next full collection walks everything once, cycles included
+                self._thawed = time.monotonic()
+            else:
+                gc.freeze()
 
     def collect(self) -> Iterator[object]:
         histogram = HistogramMetricFamily("blocker_gc_pause_seconds",
