@@ -122,6 +122,10 @@ def row_memory(work: Path, seconds: float) -> Row:
             "gc_gen2_count": int(metric_value(text, "blocker_gc_pause_seconds_count", {"generation": "2"})),
             "gc_gen2_total_ms": round(metric_value(text, "blocker_gc_pause_seconds_sum",
                                                    {"generation": "2"}) * 1000, 1),
+            "gc_gen2_over_64ms": int(metric_value(text, "blocker_gc_pause_seconds_count", {"generation": "2"})
+                                     - metric_value(text, "blocker_gc_pause_seconds_bucket",
+                                                    {"generation": "2", "le": "0.064"})),
+            "gc_freeze": os.environ.get("BLOCKER_GC_FREEZE", "1") != "0",
         }
     finally:
         server.stop()

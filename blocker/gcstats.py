@@ -13,6 +13,7 @@ Exported as `blocker_gc_pause_seconds{generation}` and `blocker_gc_pause_longest
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,12 +24,14 @@ from prometheus_client.registry import Collector
 from blocker.metrics import Histogram
 
 THAW_SECONDS = 900.0
+# Troubleshooting switch (and the soak's A/B): BLOCKER_GC_FREEZE=0 times collections without freezing.
+FREEZE = os.environ.get("BLOCKER_GC_FREEZE", "1") != "0"
 
 
 class GcPauses(Collector):
     """Times every collection and freezes what survives full ones; install once per process."""
 
-    def __init__(self, freeze: bool = True) -> None:
+    def __init__(self, freeze: bool = FREEZE) -> None:
         self.histograms = [Histogram() for _ in range(3)]
         self.longest = 0.0
         self.freeze = freeze
