@@ -69,6 +69,10 @@ class CacheEntry:
             return wire
         return _without_opt(wire, self.opt_span)
 
+    def render_stale(self, ttl: int) -> bytes:
+        """The answer without its OPT and with every TTL set to `ttl` (RFC 8767: served expired)."""
+        return _with_ttls(self.without_opt, self.offsets, (ttl,) * len(self.offsets), 0, None)
+
     @property
     def without_opt(self) -> bytes:
         """The answer as last rendered, without its OPT record."""
@@ -111,6 +115,7 @@ class AnswerCache:
     def __init__(self, size: int, max_bytes: int = DEFAULT_BYTES - DEFAULT_BYTES // MEMO_SHARE) -> None:
         self.size = size
         self.max_bytes = max_bytes
+        self.stale_window = 0.0  # expired entries are kept (until evicted) this long, for serve-stale
         self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
         self.bytes = 0  # the sum of the entries' sizes (answer, key, bookkeeping)
         self.hits = 0
@@ -127,12 +132,23 @@ class AnswerCache:
             self.misses += 1
             return None
         if entry.expires <= now:
-            del self._entries[key]
-            self.bytes -= entry.size + len(key)
+            if now - entry.expires > self.stale_window:
+                del self._entries[key]
+                self.bytes -= entry.size + len(key)
             self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
+        return entry
+
+    def get_stale(self, key: bytes, now: float) -> CacheEntry | None:
+        """An expired answer still within the serve-stale window; never a SERVFAIL. (Kept entries
+        count in `bytes` like live ones and are evicted by the same LRU.)"""
+        entry = self._entries.get(key)
+        if entry is None or entry.expires > now or now - entry.expires > self.stale_window:
+            return None
+        if entry.wire[3] & 0xF == RCODE_SERVFAIL:
+            return None
         return entry
 
     def put(self, key: bytes, wire: bytes, scan: Scan, now: float) -> CacheEntry:

@@ -188,3 +188,20 @@ def test_counted_bytes_match_what_the_entries_really_hold() -> None:
         finally:
             tracemalloc.stop()
         assert 0.9 < held / cache.bytes < 1.1, (records, size, held, cache.bytes)
+
+
+def test_expired_answers_kept_for_serve_stale_count_in_the_byte_bound() -> None:
+    clock = ManualClock()
+    cache = AnswerCache(10)
+    cache.stale_window = 60
+    put(cache, b"k", response(ttl=30), clock)
+    held = cache.bytes
+    clock.advance(40)
+    assert cache.get(b"k", clock.monotonic()) is None  # expired: a miss ...
+    entry = cache.get_stale(b"k", clock.monotonic())
+    assert entry is not None and cache.bytes == held  # ... but kept, and still counted
+    stale = dns.message.from_wire(entry.render_stale(30))
+    assert stale.answer[0].ttl == 30 and stale.edns == -1
+    clock.advance(60)
+    assert cache.get(b"k", clock.monotonic()) is None and cache.get_stale(b"k", clock.monotonic()) is None
+    assert len(cache) == 0 and cache.bytes == 0
