@@ -77,6 +77,7 @@ class Daemon:
 
     def __init__(self, config_path: Path | None, policy: Policy, clock: Clock | None = None) -> None:
         self.clock = clock or Clock()
+        self.gc_pauses = GcPauses()  # times collections and freezes their survivors while running
         self.stats = Stats()
         self.stats.prepare(policy.group_order, policy.lists.categories)
         dns = policy.config.dns
@@ -99,6 +100,7 @@ class Daemon:
 
     async def run(self) -> int:
         config = self.policy.config
+        self.gc_pauses.install()
         if not config.dns.upstreams:
             log.warning("no upstream servers configured or found in /etc/resolv.conf: "
                         "allowed names will get SERVFAIL")
@@ -145,7 +147,7 @@ class Daemon:
                             self._memory_numbers)
             try:
                 registry = make_registry(self.stats, gauges)
-                registry.register(GcPauses().install())
+                registry.register(self.gc_pauses)
                 self.ops = OpsServer(*config.metrics.listen, registry, lambda: self.ready)
             except OSError as err:
                 log.error("%s", bind_error("for metrics (http)", format_endpoint(*config.metrics.listen), err))
