@@ -110,6 +110,8 @@ def _kinds(entry: object, cache: dict[int, frozenset[tuple[str, bool]]]) -> froz
 def _rules(result: PolicyDiff, old: Policy, new: Policy, old_label: str | None, old_root: Path | None) -> None:
     """Rules added and removed per category: key-set differences of the two indexes (C speed), then
     a comparison of the names both have, and the patterns."""
+    if old.lists is new.lists:
+        return  # the same files (see `load_old`): no rule differs
     before, after = old.lists.index, new.lists.index
     b_exact, a_exact = before.exact_rules(), after.exact_rules()
     added: dict[RuleKey, tuple[str, int]] = {}
