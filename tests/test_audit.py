@@ -1,60 +1,83 @@
-"""ExemptionAudit on a real trail file: two replicas record a change once, a restart records only what
-happened while it was down, and the trail stays a valid chain."""
+"""The exemption audit trail with an injected clock: starts, expiries, changes and revocations are
+recorded when they happen, and the daemon's once-a-second tick logs them without a reload."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import json
+import logging
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
-from blocker.audit import ExemptionAudit, make_event, values
-from blocker.audit_trail import AuditTrail, read_events, verify
+import pytest
+from conftest import short_exemption, standard_config
+
+from blocker.audit import ExemptionAudit
+from blocker.clock import ManualClock
 from blocker.config import Exemption
+from blocker.daemon import Daemon
+from blocker.policy import load_policy
 
-NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-
-
-def exemption(reference: str, expires: datetime, reason: str = "liaison") -> Exemption:
-    return Exemption("MPS-1", ("whatsapp",), "Insp. A", reference, reason, expires, None, "ex.yaml", 3)
-
-
-def test_replicas_sharing_a_trail_record_each_change_once(tmp_path: Path) -> None:
-    trail = tmp_path / "trail.jsonl"
-    first, second = ExemptionAudit(trail), ExemptionAudit(trail)
-    grants = [exemption("R-1", NOW + timedelta(days=30))]
-    assert [e["event"] for e in first.update(grants, NOW, "v1")] == ["grant"]
-    assert second.update(grants, NOW, "v1") == []  # the other replica already recorded it
-    changed = [exemption("R-1", NOW + timedelta(days=30), reason="witness liaison")]
-    events = second.update(changed, NOW, "v2")
-    assert [(e["event"], e["actor"], e["changes"]) for e in events] == [
-        ("change", "file-edit", {"reason": ["liaison", "witness liaison"]})]
-    assert first.update(changed, NOW, "v2") == []
-    assert [e["event"] for e in read_events(trail)] == ["grant", "change"]
-    assert verify(trail).ok
+CLOCK = ManualClock()
+START = CLOCK.now()
 
 
-def test_a_restart_records_only_what_happened_while_it_was_down(tmp_path: Path) -> None:
-    trail = tmp_path / "trail.jsonl"
-    short = exemption("R-2", NOW + timedelta(hours=1))
-    ExemptionAudit(trail).update([exemption("R-1", NOW + timedelta(days=30)), short], NOW, "v1")
-    assert ExemptionAudit(trail).update([exemption("R-1", NOW + timedelta(days=30)), short], NOW, "v1") == []
-    later = NOW + timedelta(hours=2)
-    events = ExemptionAudit(trail).update([exemption("R-1", NOW + timedelta(days=30)), short], later, "v1")
-    assert [(e["event"], e["reference"], e["actor"]) for e in events] == [("expiry", "R-2", "blocker")]
-    again = ExemptionAudit(trail)
-    assert again.update([exemption("R-1", NOW + timedelta(days=30)), short], later, "v1") == []
-    assert again.tick(later + timedelta(seconds=1), "v1") == []
-    # Taking the expired one out of the file is tidying, not a revocation; removing one in force is.
-    assert again.update([exemption("R-1", NOW + timedelta(days=30))], later, "v2") == []
-    assert [(e["event"], e["state"]) for e in again.update([], later, "v3")] == [("revoke", "revoked")]
-    assert len(read_events(trail)) == 4 and verify(trail).ok
+def grant(reference: str = "CHG-1", starts: float | None = None, expires: float = 3600) -> Exemption:
+    return Exemption("MPS-1", ("whatsapp",), "Insp. J. Doe", reference, "Witness liaison",
+                     START + timedelta(seconds=expires), START + timedelta(seconds=starts) if starts else None,
+                     "blocker.yaml", 12)
 
 
-def test_an_event_a_command_recorded_is_not_recorded_again(tmp_path: Path) -> None:
-    trail = tmp_path / "trail.jsonl"
-    server = ExemptionAudit(trail)
-    assert server.update([], NOW, "v1") == []
-    grant = exemption("R-3", NOW + timedelta(days=10))
-    AuditTrail(trail).append(make_event("grant", "jdoe", None, values(grant), "active", "v2", grant))
-    assert server.tick(NOW, "v1") == []  # the old policy, before the reload: no "revoke" for it
-    assert server.update([grant], NOW, "v2") == []  # the reload sees what the command recorded
-    assert [(e["event"], e["actor"]) for e in read_events(trail)] == [("grant", "jdoe")]
+def kinds(events: list[dict[str, object]]) -> list[tuple[object, object]]:
+    return [(e["event"], e["reference"]) for e in events]
+
+
+def test_a_pending_grant_starts_then_expires_at_its_timestamps() -> None:
+    audit = ExemptionAudit()
+    assert kinds(audit.update([grant(starts=60, expires=120)], START, "v1")) == [("loaded", "CHG-1")]
+    assert audit.tick(START + timedelta(seconds=59), "v1") == []
+    started = audit.tick(START + timedelta(seconds=60), "v1")
+    assert kinds(started) == [("start", "CHG-1")] and started[0]["state"] == "active"
+    assert audit.tick(START + timedelta(seconds=61), "v1") == []  # recorded once
+    expired = audit.tick(START + timedelta(seconds=120), "v1")
+    assert kinds(expired) == [("expiry", "CHG-1")]
+    assert expired[0]["approved_by"] == "Insp. J. Doe" and expired[0]["policy"] == "v1"
+
+
+def test_a_changed_grant_names_the_fields_that_changed() -> None:
+    audit = ExemptionAudit()
+    audit.update([grant()], START, "v1")
+    renewed = replace(grant(), expires=START + timedelta(days=30), reason="Extended operation")
+    events = audit.update([renewed], START + timedelta(seconds=5), "v2")
+    assert kinds(events) == [("change", "CHG-1")]
+    changes = events[0]["changes"]
+    assert isinstance(changes, dict) and set(changes) == {"expires", "reason"}
+    assert changes["reason"] == ["Witness liaison", "Extended operation"]
+
+
+def test_removing_a_grant_in_force_is_a_revocation_but_removing_an_expired_one_is_not() -> None:
+    audit = ExemptionAudit()
+    audit.update([grant("CHG-LIVE"), grant("CHG-OLD", expires=10)], START, "v1")
+    audit.tick(START + timedelta(seconds=11), "v1")
+    events = audit.update([], START + timedelta(seconds=12), "v2")
+    assert kinds(events) == [("revoke", "CHG-LIVE")]
+
+
+def test_the_daemon_tick_logs_an_expiry_without_any_reload(tmp_path: Path,
+                                                           blocker_log: pytest.LogCaptureFixture) -> None:
+    clock = ManualClock()
+    expires = (clock.now() + timedelta(seconds=30)).isoformat()
+    config = standard_config(tmp_path, ["127.0.0.1:9"], policy=short_exemption(expires))
+    daemon = Daemon(config, load_policy(config), clock)
+    daemon.audit.update(daemon.policy.config.policy.exemptions, clock.now(), daemon.policy.version)
+    with blocker_log.at_level(logging.INFO, logger="blocker"):
+        daemon.tick()
+        assert '"event":"expiry"' not in blocker_log.text
+        clock.advance(30)
+        daemon.tick()
+    lines = [r.getMessage() for r in blocker_log.records if r.getMessage().startswith("audit ")]
+    assert len(lines) == 1
+    event = json.loads(lines[0].removeprefix("audit "))
+    assert (event["event"], event["reference"], event["approved_by"]) == ("expiry", "CHG-SHORT",
+                                                                          "Supt. A. Smith")
+    daemon.upstreams.close()
