@@ -149,7 +149,10 @@ def udp_flood(port: int, names: list[str], rdtype: str = "TXT", window: int = 20
         idle_since = time.monotonic()
         while time.monotonic() < end and (sent < len(wires) or outstanding):
             while sent < len(wires) and outstanding < window:
-                sock.sendto(wires[sent], ("127.0.0.1", port))
+                try:
+                    sock.sendto(wires[sent], ("127.0.0.1", port))
+                except BlockingIOError:
+                    break  # our send buffer is full: read answers first
                 sent += 1
                 outstanding += 1
             ready, _, _ = select.select([sock], [], [], 0.05)

@@ -96,7 +96,10 @@ def test_non_reading_flood_from_one_address_leaves_other_clients_answered(knot: 
     try:
         assert rcode_text(server.query("big.example.test", "TXT", tcp=True)) == "NOERROR"
         baseline = rss_kib(server)
-        prober = TcpProber(server.port, "127.0.0.3", ["www.example.test", "www.tiktok.com", "mail.example.test"])
+        # Each answer within 2 s: a shared 2-core test machine stalls now and then, the old code
+        # answered none at all (2 of 209 in 6 s).
+        prober = TcpProber(server.port, "127.0.0.3", ["www.example.test", "www.tiktok.com", "mail.example.test"],
+                           timeout=2.0)
         flood = NonReadingFlood(server.port, "127.0.0.2", 1000, "big.example.test").start()
         prober.start()
         try:
@@ -110,12 +113,13 @@ def test_non_reading_flood_from_one_address_leaves_other_clients_answered(knot: 
             flood.stop()
         assert prober.asked >= 50
         assert prober.ratio >= 0.99, (prober.answered, prober.asked)
-        assert flood.opened >= 1000 and flood.dropped >= 900  # it really tried, and was cut off
+        assert flood.opened >= 1000 and flood.dropped >= 900, (flood.opened, flood.dropped)  # cut off
         assert (peak - baseline) < 100 * 1024, (baseline, peak)  # KiB
         assert rcode_text(server.query("www.example.test", tcp=True)) == "NOERROR"
     finally:
         assert server.stop() == 0
-    assert not [line for line in server.lines if "Traceback" in line or "exception" in line.lower()]
+    bad = [line for line in server.lines if "Traceback" in line or "exception" in line.lower()]
+    assert not bad, "\n".join(server.lines)
 
 
 def test_connection_caps_shed_the_oldest_idle_connection(tmp_path: Path) -> None:
