@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from blocker import __version__
-from blocker.clients import Client
 from blocker.errors import ConfigError
-from blocker.policy import Action, Decision, Policy, check_name, decide, identify, load_policy
+from blocker.explain import build_report, find_client
+from blocker.policy import Action, check_name, decide, load_policy
 
 EXPIRY_WARNING = timedelta(days=14)
 
@@ -63,21 +63,13 @@ def run_check(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"blocker check: '{args.domain}' is not a domain name: {err}", file=sys.stderr)
         return 2
-    if args.device:
-        device = policy.devices.get(args.device)
-        if device is None:
-            print(f"blocker check: unknown device '{args.device}'", file=sys.stderr)
-            return 2
-        client = Client(str(device.addresses[0].network_address), device.id, device.group, True)
-    elif args.client:
-        client = identify(policy, args.client)
-        if client.address == args.client and not _is_ip(args.client):
-            print(f"blocker check: '{args.client}' is not an IP address", file=sys.stderr)
-            return 2
-    else:
-        client = Client("-", None, policy.config.policy.default_group, True)
+    try:
+        client, identity = find_client(policy, device=args.device, address=args.client)
+    except ValueError as err:
+        print(f"blocker check: {err}", file=sys.stderr)
+        return 2
     decision = decide(policy, client, qname, datetime.now(UTC))
-    report = _report(policy, client, qname, decision)
+    report = build_report(policy, client, qname, decision, identity)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -85,60 +77,11 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if decision.action in (Action.ALLOWED, Action.EXEMPTED) else 1
 
 
-def _is_ip(text: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _report(policy: Policy, client: Client, qname: str, decision: Decision) -> dict[str, object]:
-    match = decision.rule or policy.explain(qname)
-    report: dict[str, object] = {
-        "domain": qname,
-        "action": decision.action.value,
-        "client": client.address,
-        "device": client.device,
-        "group": decision.group,
-        "category": decision.category,
-        "categories": sorted(decision.categories),
-        "rule": None,
-        "policy": policy.version,
-        "exemption": None,
-    }
-    if match.sources:
-        report["rule"] = {
-            "rule": match.rule,
-            "allow": match.allow,
-            "sources": [{"category": s.category, "file": s.file, "line": s.line, "except": s.allow}
-                        for s in match.sources],
-        }
-    if decision.canary:
-        report["note"] = "bypass canary: answered NXDOMAIN so the client turns its own DNS bypass off"
-    if decision.action is Action.REFUSED:
-        report["note"] = "the client address is outside dns.allow_networks"
-    if decision.exemption is not None:
-        exemption = decision.exemption
-        report["exemption"] = {
-            "device": exemption.device,
-            "allow": list(exemption.allow),
-            "approved_by": exemption.approved_by,
-            "reference": exemption.reference,
-            "reason": exemption.reason,
-            "expires": exemption.expires.isoformat(),
-            "starts": exemption.starts.isoformat() if exemption.starts else None,
-            "file": exemption.file,
-            "line": exemption.line,
-        }
-    return report
-
-
 def _print_report(report: dict[str, object]) -> None:
     print(f"{report['domain']}: {str(report['action']).upper()}")
     print(f"  client:   {report['client']}  device: {report['device'] or '-'}  group: {report['group']}")
+    if report.get("identity"):
+        print(f"  identity: {report['identity']}")
     if report["categories"]:
         print(f"  category: {report['category'] or '-'}  (name is in: {', '.join(report['categories'])})")  # type: ignore[arg-type]
     rule = report["rule"]
