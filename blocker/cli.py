@@ -40,7 +40,28 @@ def main(argv: list[str] | None = None) -> int:
     proxy.add_argument("mitmproxy_args", nargs=argparse.REMAINDER,
                        help="extra mitmdump arguments after `--` (e.g. -- --set confdir=/var/lib/blocker)")
 
+    console = commands.add_parser("console", help="the admin console's users (the console runs in `serve`)")
+    console_commands = console.add_subparsers(dest="console_command", required=True)
+    add_user = console_commands.add_parser(
+        "add-user", help="add or replace a console user (the password is read from stdin or asked for)",
+        epilog="example: blocker console add-user --config blocker.yaml --role admin --role approver "
+               "--display 'Insp. J. Doe' jdoe")
+    add_user.add_argument("name", help="the login name")
+    add_user.add_argument("--role", action="append", required=True, choices=("viewer", "admin", "approver"),
+                          help="viewer reads; admin requests changes; approver approves others' requests "
+                               "(repeat for several)")
+    add_user.add_argument("--display", help="the name written as approved_by (default: the login name)")
+    where = add_user.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the config whose console.users file to write")
+    where.add_argument("--users", type=Path, help="the users file to write")
+    add_user.add_argument("--sso-only", action="store_true",
+                          help="no password: this user logs in only through console.proxy_auth")
+
     args = parser.parse_args(argv)
+    if args.command == "console":
+        from blocker.console.cli import run_add_user
+
+        return run_add_user(args)
     if args.command == "serve":
         from blocker.daemon import serve as run_server
 
