@@ -24,6 +24,7 @@ SHIPPED_CATEGORIES = ("tiktok", "twitter", "facebook", "instagram", "snapchat", 
 MESSAGING_CATEGORIES = ("whatsapp", "telegram", "signal", "doh")
 PROXY_MODES = ("regular", "transparent", "socks5", "wireguard")
 BLOCK_KINDS = ("nxdomain", "refused", "null", "ip")
+EXPIRY_WARNING_DAYS = 14  # `policy.expiry_warning_days`: validate, `exemptions list --expiring`, the metric
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +139,7 @@ class PolicyConfig:
     exemptions: tuple[Exemption, ...] = ()
     # `policy.exemptions_file`: exemptions kept in a file of their own (the one the commands edit).
     exemptions_file: Path | None = None
-    expiry_warning_days: int = 14
+    expiry_warning_days: int = 14  # EXPIRY_WARNING_DAYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,7 +460,7 @@ def _policy(read: Reader, node: yaml.Node | None, lines: dict[str, int], base: P
                 lines[f"group:{name}:{text}"] = item.start_mark.line + 1
     if default_group not in groups:
         read.error(fields.get("default_group") or node, f"policy.default_group '{default_group}' is not a group")
-    expiry_days = PolicyConfig.expiry_warning_days
+    expiry_days = EXPIRY_WARNING_DAYS
     if "expiry_warning_days" in fields:
         days = read.integer(fields["expiry_warning_days"], "policy.expiry_warning_days", 0, 3650)
         expiry_days = expiry_days if days is None else days
