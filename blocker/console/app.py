@@ -41,7 +41,6 @@ COOKIE = "blocker_console"
 MAX_BODY = 64 * 1024
 PAGE_SIZE = 50
 ADDRESS_FACTOR = 5
-EXPIRY_WINDOW = timedelta(days=14)
 _REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,63}$")
 _HERE = Path(__file__).resolve().parent
 _HEADERS = {
@@ -101,11 +100,6 @@ class FormError(ValueError):
     """A form field is wrong; the message is shown above the form."""
 
 
-def audit_path(config: object) -> Path | None:
-    audit = getattr(config, "audit", None)
-    return getattr(audit, "path", None)
-
-
 class Console:
     """The pages; `handle` turns one request into one response."""
 
@@ -119,10 +113,11 @@ class Console:
         # Colleagues behind one NAT or proxy share an address: it gets more tries than one user name.
         self.address_throttle = Throttle(settings.login_attempts * ADDRESS_FACTOR, settings.lockout_seconds)
         self.store = RequestStore(settings.requests)
-        self.audit_file = audit_path(runtime.policy().config)
-        if self.audit_file is None:
+        audit_file = runtime.policy().config.audit.path
+        if audit_file is None:
             raise BlockerError("console: the console writes every view and decision to the audit trail; "
                                "set audit.path")
+        self.audit_file: Path = audit_file
         self._audit_lock = threading.Lock()
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_HERE / "templates"),
@@ -248,18 +243,19 @@ class Console:
             members[device.group] = members.get(device.group, 0) + 1
         groups = [(name, blocks, members.get(name, 0), name == policy.config.policy.default_group)
                   for name, blocks in policy.group_order.items()]
+        window = _window(policy)
         counts = {"active": 0, "pending": 0, "expiring": 0, "expired": 0}
         for exemption in policy.config.policy.exemptions:
             state = _state(exemption.starts, exemption.expires, now)
             counts[state] += 1
-            if state == "active" and exemption.expires - now <= EXPIRY_WINDOW:
+            if state == "active" and exemption.expires - now <= window:
                 counts["expiring"] += 1
         pending = sum(1 for r in self.store.all() if r.state == "pending")
         return self.render(
             request, "overview.html", policy=policy, reload=status, age=time.time() - status.loaded_at,
             categories=categories, groups=groups, devices=len(policy.devices),
             bindings=sum(len(d.addresses) for d in policy.devices.values()), counts=counts,
-            window_days=EXPIRY_WINDOW.days, pending=pending, query_log=policy.config.query_log.path is not None)
+            window_days=window.days, pending=pending, query_log=policy.config.query_log.path is not None)
 
     def explain(self, request: Request) -> Response:
         policy = self.runtime.policy()
@@ -291,11 +287,12 @@ class Console:
                    values: dict[str, str] | None = None) -> Response:
         policy = self.runtime.policy()
         now = datetime.now(UTC)
+        window = _window(policy)
         device, state, category = request.arg("device"), request.arg("state"), request.arg("category")
         rows = []
         for exemption in sorted(policy.config.policy.exemptions, key=lambda e: e.expires):
             current = _state(exemption.starts, exemption.expires, now)
-            expiring = current == "active" and exemption.expires - now <= EXPIRY_WINDOW
+            expiring = current == "active" and exemption.expires - now <= window
             if device and exemption.device != device:
                 continue
             if state and not (current == state or (state == "expiring" and expiring)):
@@ -488,6 +485,10 @@ def _state(starts: datetime | None, expires: datetime, now: datetime) -> str:
     if starts is not None and now < starts:
         return "pending"
     return "active"
+
+
+def _window(policy: Policy) -> timedelta:
+    return timedelta(days=policy.config.policy.expiry_warning_days)
 
 
 def _is_address(text: str) -> bool:
