@@ -240,6 +240,6 @@ def test_audit_page_shows_the_chain_result(site: tuple[Blocker, int, Path]) -> N
     web.login("victor")
     status, _, page = web.get("/audit?event=console_login")
     assert status == 200 and "Chain verified" in page and "console:victor" in page
-    status, _, page = web.get("/explain?domain=web.whatsapp.com&who=127.0.0.56")
+    status, _, page = web.get("/explain?domain=web.whatsapp.com&who=127.0.0.3")
     assert status == 200 and "BLOCKED" in page and "whatsapp.yaml:" in page
-    assert any(e["event"] == "console_view_device" and e["device"] == "MPS-000456" for e in audit_events(directory))
+    assert any(e["event"] == "console_view_device" and e["device"] == "MPS-000123" for e in audit_events(directory))

@@ -303,11 +303,14 @@ class Console:
         if device and request.method == "GET":
             self.record(request, "console_view_device", page="exemptions", device=device)
         requests = sorted(self.store.all(), key=lambda r: r.requested_at, reverse=True)
+        # The notice after a form names a stored request, never text from the address bar.
+        notice = next((r for r in requests if r.id == request.arg("request")), None)
         return self.render(
             request, "exemptions.html", status, rows=rows, device=device, state=state, category=category,
             categories=sorted(policy.lists.categories), devices=sorted(policy.devices),
             pending=[r for r in requests if r.state == "pending"],
             decided=[r for r in requests if r.state != "pending"][:20], error=error, values=values or {},
+            notice=notice if error is None else None,
             today=now.strftime("%Y-%m-%dT%H:%M"))
 
     def request_change(self, request: Request) -> Response:
@@ -320,7 +323,7 @@ class Console:
         except (FormError, RequestError) as err:
             return self.exemptions(request, error=str(err), status=400, values=values)
         self.record(request, "console_request", request=created.id, kind=kind, **fields)
-        return _redirect(f"/exemptions?{urlencode({'done': f'request {created.id} waits for an approver'})}")
+        return _redirect(f"/exemptions?request={created.id}")
 
     def _validate(self, request: Request) -> tuple[str, dict[str, object]]:
         """The request's fields, checked against the running policy; raises FormError."""
@@ -393,7 +396,7 @@ class Console:
         if decided.state == "failed":
             return self.exemptions(request, error=f"Request {decided.id} was approved but could not be applied: "
                                                   f"{decided.result}", status=409)
-        return _redirect(f"/exemptions?{urlencode({'done': f'request {decided.id} {decided.state}'})}")
+        return _redirect(f"/exemptions?request={decided.id}")
 
     def _apply(self, change: ChangeRequest, approver: User) -> str:
         """Write an approved request through the same code path as `blocker exemptions grant`."""
@@ -544,8 +547,18 @@ def _json(value: object) -> str:
 
 
 def _details(event: dict[str, object]) -> str:
-    skip = {"event", "actor", "time", "prev", "hash", "policy"}
-    return ", ".join(f"{k}={v}" for k, v in event.items() if k not in skip and v not in (None, "", []))
+    import json
+
+    skip = {"event", "actor", "time", "prev", "hash"}
+
+    def text(value: object) -> str:
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value)
+        if isinstance(value, dict):
+            return json.dumps(value, separators=(",", ":"), default=str)
+        return str(value)
+
+    return "; ".join(f"{k}={text(v)}" for k, v in event.items() if k not in skip and v not in (None, "", [], {}))
 
 
 def _ago(seconds: float) -> str:
