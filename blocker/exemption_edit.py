@@ -285,13 +285,15 @@ class _Document:
         if seq.fa.flow_style():
             seq.fa.set_block_style()
         if len(seq):
-            # What follows the last entry (blank lines, a closing comment) must follow the new one.
+            # Blank lines between entries as the file has them; what followed the last entry
+            # (a closing comment) follows the new one.
+            separator = "\n" * (len(_peek_tail(seq[-2])) - len(_peek_tail(seq[-2]).lstrip("\n"))) \
+                if len(seq) > 1 else ""
             rest = _take_tail(seq[-1])
+            if separator:
+                _set_tail(seq[-1], separator)
             if rest:
-                slot = _tail_slot(entry)
-                if slot is not None:
-                    slot.items.setdefault(slot.key, [None, None, None, None])[slot.position] = \
-                        CommentToken("\n" + rest, _mark(), None)
+                _set_tail(entry, rest)
         seq.append(entry)
 
     def _index_at(self, line: int) -> int:
@@ -308,8 +310,8 @@ class _Document:
         holder, seq = self._holder_and_sequence(create=False)
         index = self._index_at(line)
         rest = _take_tail(seq[index])
-        if not rest.strip():
-            rest = ""  # the blank lines after an entry go with it
+        if index == 0 and not rest.strip():
+            rest = ""  # the first entry goes with the blank lines after it
         if len(seq) == 1:
             # The list becomes `exemptions: []`; the comments above its entry stay below that line.
             comment = seq.ca.comment
@@ -318,14 +320,14 @@ class _Document:
             seq.ca.comment = None
             seq.fa.set_flow_style()
             holder.ca.items["exemptions"] = [None, None, CommentToken("\n" + before + rest, _mark(), None), None]
-        elif rest and index > 0:
-            slot = _tail_slot(seq[index - 1])
-            if slot is not None:
-                tokens = slot.items.setdefault(slot.key, [None, None, None, None])
-                current = tokens[slot.position]
-                text = current.value if current is not None else "\n"
-                tokens[slot.position] = CommentToken(text + rest, _mark(), None)
-        elif rest and index == 0 and len(seq) > 1:
+        elif index > 0:
+            # The entry goes with the blank lines before it; comments around it stay.
+            before = _take_tail(seq[index - 1])
+            if before.strip():
+                rest = before + rest.lstrip("\n")
+            if rest:
+                _set_tail(seq[index - 1], rest)
+        elif rest:
             _prepend_comment(seq, rest)
         del seq[index]
 
@@ -360,6 +362,28 @@ def _tail_slot(node: Any) -> _Slot | None:
             return _tail_slot(child)
         return _Slot(node.ca.items, len(node) - 1, 0)
     return None
+
+
+def _peek_tail(node: Any) -> str:
+    """What follows a node's last line, left in place."""
+    slot = _tail_slot(node)
+    tokens = slot.items.get(slot.key) if slot is not None else None
+    if not tokens or tokens[slot.position] is None:  # type: ignore[union-attr]
+        return ""
+    return str(tokens[slot.position].value).partition("\n")[2]  # type: ignore[union-attr]
+
+
+def _set_tail(node: Any, rest: str) -> None:
+    """Put text after a node's last line (after that line's own end and inline comment)."""
+    slot = _tail_slot(node)
+    if slot is None:
+        return
+    tokens = slot.items.setdefault(slot.key, [None, None, None, None])
+    while len(tokens) <= slot.position:
+        tokens.append(None)
+    current = tokens[slot.position]
+    head = str(current.value).partition("\n")[0] + "\n" if current is not None else "\n"
+    tokens[slot.position] = CommentToken(head + rest, _mark(), None)
 
 
 def _take_tail(node: Any) -> str:
