@@ -192,8 +192,8 @@ class Console:
 
     def login(self, request: Request) -> Response:
         target = request.arg("next") or request.field("next") or "/"
-        if not target.startswith("/") or target.startswith("//"):
-            target = "/"
+        if not target.startswith("/") or target[1:2] in ("/", "\\") or any(c in target for c in "\r\n"):
+            target = "/"  # only a path on this site: `//host` and `/\\host` would leave it
         if request.method == "GET":
             if request.user is not None:
                 return _redirect(target)
