@@ -12,6 +12,7 @@ to compare with).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from blocker.audit_trail import AuditTrail, TrailReader
 from blocker.config import Exemption
 
+log = logging.getLogger("blocker")
 Key = tuple[str, str]  # (device, reference)
 Snapshot = tuple[dict[str, object], str]  # (values, state); state "revoked" once removed
 FILE_EDIT = "file-edit"
@@ -107,6 +109,7 @@ class ExemptionAudit:
         self._recorded: dict[Key, Snapshot] = {}
         self._seen: dict[Key, Snapshot] | None = None
         self._current: dict[Key, Exemption] = {}
+        self._failure = ""
 
     def update(self, exemptions: Iterable[Exemption], now: datetime, version: str) -> list[dict[str, object]]:
         """Events for a newly loaded policy (at start: only what changed since the trail's last line)."""
@@ -133,6 +136,8 @@ class ExemptionAudit:
 
     def _reconcile(self, now: datetime, version: str) -> list[dict[str, object]]:
         desired = {key: (values(e), state(e, now)) for key, e in self._current.items()}
+        if desired == self._seen:
+            return []  # the common tick: nothing changed, the trail is not even opened
         if self.trail is None:
             if self._seen is None:
                 self._seen = desired
@@ -141,16 +146,26 @@ class ExemptionAudit:
             events = self._differences(self._seen, desired, version)
             self._seen = desired
             return events
-        with self.trail.locked():
-            self._catch_up()
-            if self._seen is None:
-                self._seen = {k: v for k, v in self._recorded.items() if v[1] != "revoked"}
-            events = self._differences(self._seen, desired, version)
-            written = self.trail.append_locked(events)
-            for event in written:
-                found = snapshot_of(event)
-                if found is not None:
-                    self._recorded[found[0]] = found[1]
+        try:
+            with self.trail.locked():
+                self._catch_up()
+                seen = self._seen
+                if seen is None:
+                    seen = {k: v for k, v in self._recorded.items() if v[1] != "revoked"}
+                events = self._differences(seen, desired, version)
+                written = self.trail.append_locked(events)
+                for event in written:
+                    found = snapshot_of(event)
+                    if found is not None:
+                        self._recorded[found[0]] = found[1]
+        except OSError as err:
+            # Not recorded: tried again on the next tick (the log says so once per kind of failure).
+            message = f"audit trail {self.trail.path}: cannot record: {err.strerror or err}"
+            if message != self._failure:
+                self._failure = message
+                log.error("%s", message)
+            return []
+        self._failure = ""
         self._seen = desired
         return written
 

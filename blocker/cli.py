@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from blocker import __version__
 from blocker.errors import BlockerError, ConfigError
 from blocker.explain import build_report, find_client
-from blocker.policy import Action, Policy, check_name, decide, load_policy
+from blocker.policy import Action, Policy, check_name, explain, load_policy
 
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -259,7 +259,7 @@ def run_check(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"blocker check: {err}", file=sys.stderr)
         return 2
-    decision = decide(policy, client, qname, datetime.now(UTC))
+    decision = explain(policy, client, qname, datetime.now(UTC))
     code = 0 if decision.action in (Action.ALLOWED, Action.EXEMPTED) else 1
     args._code = code  # kept if the reader of stdout goes away mid-report
     report = build_report(policy, client, qname, decision, identity)

@@ -10,9 +10,11 @@ event is appended to the trail, under the trail's lock, with the actor who asked
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,13 +171,28 @@ def _commit(config_path: Path, config: Config, document: _Document, reference: s
 
 def _write(config: Config, document: _Document, event: Any, config_path: Path, version: str | None = None) -> None:
     trail = AuditTrail(config.audit.path) if config.audit.path is not None else None
-    lock = trail.locked() if trail is not None else nullcontext()
-    with lock:
+    with trail.locked() if trail is not None else nullcontext(), _file_lock(document.path):
+        # Two edits at once: the second finds the file replaced under it and refuses.
         if document.changed_on_disk():
             raise ExemptionEditError(f"{document.path} changed while editing it: run the command again")
         atomic_write(document.path, document.text())
         if trail is not None:
             record_event(trail, event(version or document.version))
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on the file being replaced (held until the new one is in place)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from blocker.clients import Client
-from blocker.policy import Action, Decision, Policy, identify
+from blocker.clients import Client, identify
+from blocker.policy import Action, Decision, Policy
 
 
 def find_client(policy: Policy, device: str | None = None, address: str | None = None) -> tuple[Client, str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from blocker.audit import values
 from blocker.clients import Client
 from blocker.config import Exemption
-from blocker.domains import NameError_, normalize
+from blocker.domains import InvalidName, normalize
 from blocker.errors import BlockerError
 from blocker.policy import Policy, decide_categories
 
@@ -212,7 +212,7 @@ def _names(result: PolicyDiff, old: Policy, new: Policy, names: Iterable[str], n
     for text in names:
         try:
             name = normalize(text)
-        except NameError_:
+        except InvalidName:
             continue
         before_categories, after_categories = old.categorize(name), new.categorize(name)
         for group in groups:

@@ -176,6 +176,8 @@ def test_reload_logs_granted_changed_and_revoked(knot: Knot, tmp_path: Path) -> 
         mark = len(server.lines)
         config.write_text(text)  # no signal: the file watcher sees the change
         server.wait_for_log(r"reloaded \(file change\)", after=mark)
+        server.wait_for_log(r'audit \{"event":"renew"', after=mark)  # logged just after the reload line
+        server.wait_for_log(r'audit \{"event":"grant"', after=mark)
         events = {json.loads(line.split(" audit ", 1)[1])["event"]: json.loads(line.split(" audit ", 1)[1])
                   for line in server.lines[mark:] if " audit " in line}
         assert events["renew"]["changes"] == {

@@ -308,3 +308,20 @@ def test_policy_version_depends_on_content_not_paths(tmp_path: Path) -> None:
     (two / "exemptions.yaml").write_text(EXEMPTIONS.replace("2099-06-30", "2099-07-31"))
     changed = blocker("validate", "--config", str(two / "blocker.yaml"), "--json")
     assert json.loads(changed.stdout)["policy"] not in versions
+
+
+def test_concurrent_grants_never_lose_one_silently(tmp_path: Path) -> None:
+    config = fleet(tmp_path)
+    runs = [subprocess.Popen([sys.executable, "-m", "blocker", *grant_args(config, **{"--reference": f"CHG-P{i}"})],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    outcomes = []
+    for index, run in enumerate(runs):
+        _out, err = run.communicate(timeout=120)
+        outcomes.append((index, run.returncode, err))
+    granted = {f"CHG-P{i}" for i, code, _ in outcomes if code == 0}
+    refused = [err for _, code, err in outcomes if code != 0]
+    assert all("changed while editing it: run the command again" in err for err in refused), refused
+    assert granted  # at least one gets through; each other one is refused, never overwritten
+    listed = json.loads(blocker("exemptions", "list", "--config", str(config), "--json", check=True).stdout)
+    assert {e["reference"] for e in listed} - {"CHG-2026-0001", "CHG-2026-0002"} == granted
+    assert sorted(e["reference"] for e in read_events(tmp_path / "audit" / "trail.jsonl")) == sorted(granted)

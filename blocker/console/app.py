@@ -32,7 +32,8 @@ from blocker.console.auth import Session, Sessions, Throttle, User, Users, csrf_
 from blocker.console.querysearch import QueryFilter, search
 from blocker.errors import BlockerError
 from blocker.explain import build_report, find_client
-from blocker.policy import Policy, check_name, decide
+from blocker.policy import Policy, check_name
+from blocker.policy import explain as explain_decision
 from blocker.yamlfile import format_endpoint
 
 log = logging.getLogger("blocker")
@@ -275,7 +276,7 @@ class Console:
         except ValueError as err:
             return self.render(request, "explain.html", 400, domain=domain, who=who, report=None,
                                error=f"{err} (give a device id from policy.devices or an IP address)")
-        decision = decide(policy, client, qname, datetime.now(UTC))
+        decision = explain_decision(policy, client, qname, datetime.now(UTC))
         report = build_report(policy, client, qname, decision, identity)
         if who:
             self.record(request, "console_view_device", page="explain", device=client.device, client=who,
