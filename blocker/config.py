@@ -38,7 +38,7 @@ class BlockResponse:
 
 @dataclass(frozen=True, slots=True)
 class DnsConfig:
-    listen: tuple[Endpoint, ...] = (("127.0.0.1", 5353),)
+    listen: tuple[Endpoint, ...] = (("127.0.0.1", 8053),)  # 5353 is mDNS (avahi, mDNSResponder)
     upstreams: tuple[Endpoint, ...] = ()
     allow_networks: tuple[IPNetwork, ...] = tuple(
         ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8"))
