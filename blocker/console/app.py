@@ -697,8 +697,10 @@ def _trusted(peer: str, networks: tuple[object, ...]) -> bool:
     return any(address in network for network in networks)  # type: ignore[operator]
 
 
-def start_console(daemon: Any, settings: ConsoleConfig) -> ConsoleServer:
-    """Start the console beside a running `Daemon` (the hook `blocker serve` calls); raises OSError."""
+def start_console(daemon: Any, settings: ConsoleConfig) -> ConsoleServer | None:
+    """Start the console beside a running `Daemon` (the hook `blocker serve` calls); None, logged, if it cannot."""
+    from blocker.daemon import bind_error
+
     stats = daemon.stats
 
     def status() -> ReloadStatus:
@@ -707,9 +709,13 @@ def start_console(daemon: Any, settings: ConsoleConfig) -> ConsoleServer:
                             f"{error[0]}:{error[1]}: {error[2]}" if error else None)
 
     try:
-        server = ConsoleServer(settings, Runtime(lambda: daemon.resolver.policy, status, daemon.config_path))
+        server = ConsoleServer(settings, Runtime(lambda: daemon.resolver.policy, status, daemon.source.config_path))
     except BlockerError as err:
-        raise OSError(str(err)) from None
+        log.error("cannot start the console: %s", err)
+        return None
+    except OSError as err:
+        log.error("%s", bind_error("for the console (http)", format_endpoint(*settings.listen), err))
+        return None
     server.start()
     log.info("listening console=%s://%s/", server.scheme, format_endpoint(*server.address))
     return server
