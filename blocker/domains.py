@@ -10,8 +10,9 @@ lookup walks the name's suffixes, so its cost depends on the name, not on the nu
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 _NAME = re.compile(r"^(?:(?!-)[a-z0-9_-]{1,63}(?<!-)\.)*(?!-)[a-z0-9_-]{1,63}(?<!-)$")
@@ -241,20 +242,21 @@ class RuleIndex:
                 best, best_rule, best_key = pattern.entry, pattern.text, (depth, 0)
         return best, best_rule, best_key
 
-    def rules(self) -> Iterator[tuple[str, str, bool, str, int]]:
-        """Every rule as (rule, category, allow, file, line); line 0 when not kept (`find_line`)."""
-        lines = self._lines
-        for rule, entry in self._exact.items():
-            if entry.shared:
-                src = entry.sources[0]
-                yield rule, src.category, src.allow, src.file, lines.get(rule, 0)
-            else:
-                for src in entry.sources:
-                    yield rule, src.category, src.allow, src.file, src.line
+    def exact_rules(self) -> Mapping[str, RuleEntry]:
+        """The fixed rules by name, read-only (`blocker diff` compares two indexes' key sets)."""
+        return MappingProxyType(self._exact)
+
+    def sources(self, rule: str) -> list[RuleSource]:
+        """Where a fixed rule is written (line 0 when a bulk list did not keep it: `find_line`)."""
+        entry = self._exact.get(rule)
+        return self._sources_of(rule, entry) if entry is not None else []
+
+    def pattern_rules(self) -> Iterator[tuple[str, RuleSource]]:
+        """Every pattern rule with each of its sources."""
         for bucket in self._patterns.values():
             for pattern in bucket:
                 for src in pattern.entry.sources:
-                    yield pattern.text, src.category, src.allow, src.file, src.line
+                    yield pattern.text, src
 
     def categories_sizes(self) -> dict[str, int]:
         """Number of rules per category (for `validate` and metrics)."""

@@ -97,23 +97,50 @@ def _groups(result: PolicyDiff, old: Policy, new: Policy) -> None:
             result.groups[name] = entry
 
 
-def _rule_map(policy: Policy) -> dict[RuleKey, tuple[str, int]]:
-    return {(category, rule, allow): (file, line) for rule, category, allow, file, line in policy.lists.index.rules()}
+def _kinds(entry: object, cache: dict[int, frozenset[tuple[str, bool]]]) -> frozenset[tuple[str, bool]]:
+    # One shared entry stands for every rule of a bulk file: compute its kinds once.
+    key = id(entry)
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = frozenset((s.category, s.allow) for s in entry.sources)  # type: ignore[attr-defined]
+    return found
 
 
 def _rules(result: PolicyDiff, old: Policy, new: Policy, old_label: str | None, old_root: Path | None) -> None:
-    before, after = _rule_map(old), _rule_map(new)
-    added = [key for key in after if key not in before]
-    removed = [key for key in before if key not in after]
+    """Rules added and removed per category: key-set differences of the two indexes (C speed), then
+    a comparison of the names both have, and the patterns."""
+    before, after = old.lists.index, new.lists.index
+    b_exact, a_exact = before.exact_rules(), after.exact_rules()
+    added: dict[RuleKey, tuple[str, int]] = {}
+    removed: dict[RuleKey, tuple[str, int]] = {}
+    for name in a_exact.keys() - b_exact.keys():
+        for src in after.sources(name):
+            added[(src.category, name, src.allow)] = (src.file, src.line)
+    for name in b_exact.keys() - a_exact.keys():
+        for src in before.sources(name):
+            removed[(src.category, name, src.allow)] = (src.file, src.line)
+    b_cache: dict[int, frozenset[tuple[str, bool]]] = {}
+    a_cache: dict[int, frozenset[tuple[str, bool]]] = {}
+    for name in a_exact.keys() & b_exact.keys():
+        was, now = _kinds(b_exact[name], b_cache), _kinds(a_exact[name], a_cache)
+        if was != now:
+            for src in after.sources(name):
+                if (src.category, src.allow) not in was:
+                    added[(src.category, name, src.allow)] = (src.file, src.line)
+            for src in before.sources(name):
+                if (src.category, src.allow) not in now:
+                    removed[(src.category, name, src.allow)] = (src.file, src.line)
+    b_patterns = {(src.category, text, src.allow): (src.file, src.line) for text, src in before.pattern_rules()}
+    a_patterns = {(src.category, text, src.allow): (src.file, src.line) for text, src in after.pattern_rules()}
+    added.update({k: v for k, v in a_patterns.items() if k not in b_patterns})
+    removed.update({k: v for k, v in b_patterns.items() if k not in a_patterns})
     if not added and not removed:
         return
-    added_lines = _resolve_lines({key: after[key] for key in added})
-    removed_lines = _resolve_lines({key: before[key] for key in removed})
-    for direction, keys, lines, relabel in (("added", added, added_lines, False),
-                                            ("removed", removed, removed_lines, True)):
-        for key in sorted(keys):
+    for direction, found, relabel in (("added", _resolve_lines(added), False),
+                                      ("removed", _resolve_lines(removed), True)):
+        for key in sorted(found):
             category, rule, allow = key
-            file, line = lines[key]
+            file, line = found[key]
             shown = _relabel(file, old_label, old_root) if relabel else file
             result.rules.setdefault(category, {}).setdefault(direction, []).append(
                 {"rule": rule, "except": allow, "file": shown, "line": line})
@@ -139,10 +166,16 @@ def _resolve_lines(found: dict[RuleKey, tuple[str, int]]) -> dict[RuleKey, tuple
         try:
             with open(file, encoding="utf-8") as text:
                 for number, raw in enumerate(text, start=1):
-                    words = raw.split("#", 1)[0].strip().lower().rstrip(".")
+                    plain = raw.strip().lower()
+                    if plain in rules:  # the common line: one plain name
+                        lines.setdefault((file, plain), number)
+                        continue
+                    if not any(c in plain for c in "#|^ \t."):
+                        continue
+                    words = plain.split("#", 1)[0].strip().rstrip(".")
                     for word in words.replace("||", " ").replace("^", " ").split():
-                        if word in rules and (file, word) not in lines:
-                            lines[(file, word)] = number
+                        if word in rules:
+                            lines.setdefault((file, word), number)
         except (OSError, UnicodeDecodeError):
             continue
     return {key: (file, line or lines.get((file, key[1]), 0)) for key, (file, line) in found.items()}
