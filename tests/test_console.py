@@ -3,7 +3,10 @@ form validation, login throttling, the SSO header's trust boundary, the query-lo
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from console_site import PASSWORD, Web, add_user, console_config, location, start, wait_until
-from helpers import ROOT, Blocker, Knot, rcode_text
+from helpers import ROOT, Blocker, Knot, rcode_text, require_tool
 
 SHIPPED = ROOT / "blocklists"
 
@@ -244,3 +247,35 @@ def test_audit_page_shows_the_chain_result(site: tuple[Blocker, int, Path]) -> N
     status, _, page = web.get("/explain?domain=web.whatsapp.com&who=127.0.0.3")
     assert status == 200 and "BLOCKED" in page and "whatsapp.yaml:" in page
     assert any(e["event"] == "console_view_device" and e["device"] == "MPS-000123" for e in audit_events(directory))
+
+
+def test_https_with_its_own_certificate_sets_secure_cookies(knot: Knot, tmp_path: Path) -> None:
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "console.crt", tmp_path / "console.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    config = console_config(tmp_path, knot.endpoint, SHIPPED, extra_console=f"""\
+        tls_cert: "{cert}"
+        tls_key: "{key}"
+        """)
+    server = Blocker(config).start()
+    try:
+        line = server.wait_for_log(r"listening console=https://127\.0\.0\.1:\d+/")
+        port = int(line.rsplit(":", 1)[1].strip("/ "))
+        idle = socket.create_connection(("127.0.0.1", port), timeout=5)  # never starts the handshake
+        context = ssl.create_default_context(cafile=str(cert))
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        connection.request("GET", "/login")
+        response = connection.getresponse()
+        assert response.status == 200 and "Log in" in response.read().decode()
+        cookie = response.getheader("Set-Cookie") or ""
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        connection.close()
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain.request("GET", "/login")
+            plain.getresponse().read()
+        idle.close()
+    finally:
+        server.stop()

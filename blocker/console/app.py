@@ -42,6 +42,7 @@ COOKIE = "blocker_console"
 MAX_BODY = 64 * 1024
 PAGE_SIZE = 50
 ADDRESS_FACTOR = 5
+IDLE_SECONDS = 30
 _REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,63}$")
 _HERE = Path(__file__).resolve().parent
 _HEADERS = {
@@ -576,22 +577,42 @@ def _redirect(target: str) -> Response:
 
 # -- the HTTP server ------------------------------------------------------------------------
 
+class _Server(ThreadingHTTPServer):
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, in the connection's own thread: a client that never
+        # finishes it holds up only itself, never the accept loop.
+        if self.tls is not None:
+            request.settimeout(IDLE_SECONDS)
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError):
+                request.close()
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("console: connection from %s failed", client_address, exc_info=True)
+
+
 class ConsoleServer:
     """A threaded HTTP(S) server beside the event loop, like the ops endpoint."""
 
     def __init__(self, settings: ConsoleConfig, runtime: Runtime) -> None:
         self.console = Console(settings, runtime)
         host, port = settings.listen
-        server_class = type("ConsoleHTTPServer", (ThreadingHTTPServer,), {
-            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
-            "daemon_threads": True,
-        })
-        self.server = server_class((host, port), _handler(self.console))
+        context = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(settings.tls_cert, settings.tls_key)
-            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        server_class = type("ConsoleHTTPServer", (_Server,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
+            "daemon_threads": True,
+            "tls": context,
+        })
+        self.server = server_class((host, port), _handler(self.console))
         self.address = self.server.server_address[:2]
         self.scheme = "https" if settings.tls_cert else "http"
         self.thread = threading.Thread(target=self.server.serve_forever, name="blocker-console", daemon=True)
@@ -611,6 +632,7 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "blocker-console"
         sys_version = ""
+        timeout = IDLE_SECONDS  # an idle or slow connection is closed, its thread freed
 
         def do_GET(self) -> None:
             self._serve("GET")
