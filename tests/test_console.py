@@ -279,3 +279,21 @@ def test_https_with_its_own_certificate_sets_secure_cookies(knot: Knot, tmp_path
         idle.close()
     finally:
         server.stop()
+
+
+def test_overview_shows_a_rejected_reload_with_its_line(site: tuple[Blocker, int, Path]) -> None:
+    _, port, directory = site
+    web = Web(port)
+    web.login("victor")
+    config = directory / "blocker.yaml"
+    good = config.read_text()
+    lines = len(good.splitlines())
+    try:
+        config.write_text(good + "bogus_key: 1\n")
+        wait_until(lambda: "rejected" in web.get("/")[2], what="the overview showing the rejected reload")
+        page = web.get("/")[2]
+        assert f"blocker.yaml:{lines + 1}: config: unknown key 'bogus_key'" in page
+        assert "the policy above keeps serving" in page
+    finally:
+        config.write_text(good)
+    wait_until(lambda: "accepted" in web.get("/")[2], what="the overview showing the good reload")
