@@ -152,7 +152,7 @@ class Daemon:
             self.ops.start()
             log.info("listening metrics=http://%s/metrics", format_endpoint(*self.ops.address))
         if config.console.enabled:
-            from blocker.console.app import start_console
+            from blocker.console import start_console
 
             self.console = start_console(self, config.console)
             return self.console is not None
