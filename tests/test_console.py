@@ -297,3 +297,16 @@ def test_overview_shows_a_rejected_reload_with_its_line(site: tuple[Blocker, int
     finally:
         config.write_text(good)
     wait_until(lambda: "accepted" in web.get("/")[2], what="the overview showing the good reload")
+
+
+def test_a_missing_users_file_stops_the_start_with_the_reason(knot: Knot, tmp_path: Path) -> None:
+    config = console_config(tmp_path, knot.endpoint, SHIPPED)
+    (tmp_path / "console-users.yaml").unlink()
+    server = Blocker(config).start(expect_ready=False)
+    try:
+        line = server.wait_for_log(r"cannot start the console")
+        assert "console-users.yaml: cannot read the console users file" in line
+        assert server.process is not None and server.process.wait(10) == 2
+        assert not any(" ready " in entry for entry in server.lines)
+    finally:
+        server.stop()
