@@ -310,3 +310,24 @@ def test_a_missing_users_file_stops_the_start_with_the_reason(knot: Knot, tmp_pa
         assert not any(" ready " in entry for entry in server.lines)
     finally:
         server.stop()
+
+
+def test_an_approval_that_cannot_be_applied_is_recorded_as_failed(site: tuple[Blocker, int, Path]) -> None:
+    _, port, directory = site
+    alice, bob = Web(port), Web(port)
+    alice.login("alice")
+    bob.login("bob")
+    assert alice.post("/exemptions/request", grant_form("RACE-1", allow=["signal"]))[0] == 303
+    request_id = json.loads((directory / "console-requests.json").read_text())["requests"][-1]["id"]
+    # Meanwhile someone grants the same reference from the shell.
+    done = subprocess.run([sys.executable, "-m", "blocker", "exemptions", "grant", "--config",
+                           str(directory / "blocker.yaml"), "--device", "MPS-000456", "--allow", "signal",
+                           "--approved-by", "Supt. S. Shell", "--reference", "RACE-1", "--reason", "Shell grant",
+                           "--for", "7d", "--by", "shelluser"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    status, _, page = bob.post("/requests/decide", {"id": request_id, "decision": "approve"})
+    assert status == 409 and "could not be applied: reference RACE-1 is already used" in page
+    text = (directory / "blocker.yaml").read_text()
+    assert text.count("RACE-1") == 1 and "Supt. S. Shell" in text
+    stored = json.loads((directory / "console-requests.json").read_text())["requests"]
+    assert [r["state"] for r in stored if r["id"] == request_id] == ["failed"]
