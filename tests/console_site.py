@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
+from argon2 import PasswordHasher
 from helpers import ROOT, Blocker
 
 from blocker.console import auth
 
 PASSWORD = "correct horse battery staple"
+CHEAP = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)  # real argon2id, a test-sized cost
 USERS = {  # name: (roles, display)
     "alice": (["admin"], "Sgt. A. Adams"),
     "bob": (["approver"], "Insp. B. Brown"),
@@ -67,7 +69,7 @@ def console_config(directory: Path, upstream: str, blocklists: Path, extra_conso
           exemptions: []
         """))
     for name, (roles, display) in USERS.items():  # in-process: `add-user` itself has its own test
-        auth.add_user(directory / "console-users.yaml", name, roles, PASSWORD, display)
+        auth.add_user(directory / "console-users.yaml", name, roles, PASSWORD, display, hasher=CHEAP)
     return config
 
 

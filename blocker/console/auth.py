@@ -87,8 +87,13 @@ def load_users(path: Path) -> dict[str, User]:
     return users
 
 
-def add_user(path: Path, name: str, roles: list[str], password: str | None, display: str | None = None) -> bool:
-    """Add or replace one user (atomically); True when the user was new."""
+def add_user(path: Path, name: str, roles: list[str], password: str | None, display: str | None = None,
+             hasher: PasswordHasher = _hasher) -> bool:
+    """Add or replace one user (atomically); True when the user was new.
+
+    `hasher` sets the argon2 cost (the default is argon2-cffi's: 64 MiB, 3 passes); a verification
+    uses the cost written in the hash, so cheaper test users log in faster.
+    """
     if not _valid_name(name):
         raise UsersFileError(f"user name '{name}' must be 1-64 letters, digits or ._-@")
     bad = [r for r in roles if r not in ROLES]
@@ -98,7 +103,7 @@ def add_user(path: Path, name: str, roles: list[str], password: str | None, disp
     entries = [{"name": u.name, "display": u.display, "roles": sorted(u.roles), "password": u.password_hash}
                for u in existing.values() if u.name != name]
     entries.append({"name": name, "display": display or name, "roles": sorted(set(roles)),
-                    "password": hash_password(password) if password else None})
+                    "password": hasher.hash(password) if password else None})
     body = ("# blocker console users, written by `blocker console add-user` (argon2id hashes).\n"
             + yaml.safe_dump({"users": entries}, sort_keys=False, allow_unicode=True))
     path.parent.mkdir(parents=True, exist_ok=True)
