@@ -92,6 +92,7 @@ class ConsoleConfig:
     secure_cookies: bool = False  # set when the console is reached over HTTPS (TLS here or at a proxy)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # require client certificates from this CA; the user is their commonName
     session_minutes: int = 480
     login_attempts: int = 5  # failed logins per user name or per address before a lockout
     lockout_seconds: int = 300
@@ -399,7 +400,7 @@ def _proxy(read: Reader, node: yaml.Node | None) -> ProxyConfig:
     return ProxyConfig(listen, mode)
 
 
-_CONSOLE_KEYS = {"enabled", "listen", "users", "requests", "secure_cookies", "tls_cert", "tls_key",
+_CONSOLE_KEYS = {"enabled", "listen", "users", "requests", "secure_cookies", "tls_cert", "tls_key", "tls_client_ca",
                  "session_minutes", "login_attempts", "lockout_seconds", "proxy_auth"}
 
 
@@ -415,7 +416,7 @@ def _console(read: Reader, node: yaml.Node | None, base: Path) -> ConsoleConfig:
             values[key] = bool(flag)
     if "listen" in fields:
         values["listen"] = read.endpoint(fields["listen"], "console.listen") or defaults.listen
-    for key in ("users", "requests", "tls_cert", "tls_key"):
+    for key in ("users", "requests", "tls_cert", "tls_key", "tls_client_ca"):
         if key in fields:
             text = read.string(fields[key], f"console.{key}")
             values[key] = base / text if text else None
@@ -436,6 +437,9 @@ def _console(read: Reader, node: yaml.Node | None, base: Path) -> ConsoleConfig:
         read.error(node, "console.enabled needs console.users (the file `blocker console add-user` writes)")
     if (values.get("tls_cert") is None) != (values.get("tls_key") is None):
         read.error(node, "console: tls_cert and tls_key go together")
+    if values.get("tls_client_ca") is not None and values.get("tls_cert") is None:
+        read.error(fields["tls_client_ca"], "console.tls_client_ca needs tls_cert and tls_key (client "
+                                            "certificates are checked in the console's own TLS)")
     if values.get("tls_cert") is not None and "secure_cookies" not in fields:
         values["secure_cookies"] = True
     if values.get("users") is not None and values.get("requests") is None:

@@ -331,3 +331,51 @@ def test_an_approval_that_cannot_be_applied_is_recorded_as_failed(site: tuple[Bl
     assert text.count("RACE-1") == 1 and "Supt. S. Shell" in text
     stored = json.loads((directory / "console-requests.json").read_text())["requests"]
     assert [r["state"] for r in stored if r["id"] == request_id] == ["failed"]
+
+
+def test_client_certificates_log_in_as_their_common_name(knot: Knot, tmp_path: Path) -> None:
+    openssl = require_tool("openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=Force PKI test CA",
+        "-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.crt"))
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "server.key"),
+        "-out", str(tmp_path / "server.crt"))
+    for name in ("carol", "mallory"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(tmp_path / f"{name}.key"),
+            "-out", str(tmp_path / f"{name}.csr"))
+        run("x509", "-req", "-in", str(tmp_path / f"{name}.csr"), "-CA", str(tmp_path / "ca.crt"), "-CAkey",
+            str(tmp_path / "ca.key"), "-CAcreateserial", "-days", "1", "-out", str(tmp_path / f"{name}.crt"))
+    config = console_config(tmp_path, knot.endpoint, SHIPPED, extra_console=f"""\
+        tls_cert: "{tmp_path / 'server.crt'}"
+        tls_key: "{tmp_path / 'server.key'}"
+        tls_client_ca: "{tmp_path / 'ca.crt'}"
+        """)
+    server = Blocker(config).start()
+    try:
+        line = server.wait_for_log(r"listening console=https://127\.0\.0\.1:\d+/")
+        port = int(line.rsplit(":", 1)[1].strip("/ "))
+
+        def get(name: str | None) -> tuple[int, str]:
+            context = ssl.create_default_context(cafile=str(tmp_path / "server.crt"))
+            if name:
+                context.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+            connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+            try:
+                connection.request("GET", "/")
+                response = connection.getresponse()
+                return response.status, response.read().decode()
+            finally:
+                connection.close()
+
+        status, page = get("carol")
+        assert status == 200 and "Insp. C. Clark" in page  # no password asked
+        status, page = get("mallory")  # a valid certificate, but not a console user
+        assert status == 403 and "mallory is not a console user" in page
+        with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+            get(None)  # no certificate, no connection
+    finally:
+        server.stop()

@@ -607,6 +607,10 @@ class ConsoleServer:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(settings.tls_cert, settings.tls_key)
+            if settings.tls_client_ca is not None:
+                # Client certificates (a smart card, the force's PKI): no valid one, no connection.
+                context.load_verify_locations(settings.tls_client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
         server_class = type("ConsoleHTTPServer", (_Server,), {
             "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
             "daemon_threads": True,
@@ -677,16 +681,20 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
             session = console.sessions.get(token)
             user = console.users.get(session.user) if session is not None and session.user else None
             new_cookie = None
+            vouched = None
             if proxy is not None and _trusted(peer, proxy.trusted_proxies) and self.headers.get(proxy.header):
                 # SSO in front: the proxy vouches for the user; its header is believed from its address only.
-                name = str(self.headers.get(proxy.header)).strip()
-                user = console.users.get(name)
+                vouched = str(self.headers.get(proxy.header)).strip()
+            elif settings.tls_client_ca is not None:
+                vouched = _certificate_name(self.connection)  # verified against tls_client_ca in the handshake
+            if vouched is not None:
+                user = console.users.get(vouched)
                 if user is None:
-                    self._send(Response(403, f"{name} is not a console user (console.users)\n".encode(),
+                    self._send(Response(403, f"{vouched} is not a console user (console.users)\n".encode(),
                                         "text/plain; charset=utf-8"))
                     return None
-                if session is None or session.user != name:
-                    session = console.sessions.new(name)
+                if session is None or session.user != vouched:
+                    session = console.sessions.new(vouched)
                     new_cookie = session.token
             if session is None:
                 session = console.sessions.new()
@@ -707,6 +715,17 @@ def _handler(console: Console) -> type[BaseHTTPRequestHandler]:
             pass  # the audit trail records what matters; page hits are not logged
 
     return Handler
+
+
+def _certificate_name(connection: Any) -> str | None:
+    """The commonName of the client certificate the TLS handshake verified, if any."""
+    getpeercert = getattr(connection, "getpeercert", None)
+    certificate = getpeercert() if getpeercert else None
+    for rdn in (certificate or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
 
 
 def _trusted(peer: str, networks: tuple[object, ...]) -> bool:
