@@ -7,12 +7,14 @@ config file. Without a file, `embedded_defaults()` gives the behaviour `blocker 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import yaml
 
+from blocker.cache import DEFAULT_BYTES as DEFAULT_CACHE_BYTES
 from blocker.errors import ConfigError, Problem
 from blocker.yamlfile import Collector, Reader, compose
 
@@ -47,6 +49,11 @@ class DnsConfig:
     cache_size: int = 100_000
     trusted_forwarders: tuple[IPNetwork, ...] = ()
     upstream_timeout: float = 2.0
+    # Memory and connection bounds (see README: why these defaults).
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    tcp_max_connections: int = 1000
+    tcp_max_per_client: int = 20
+    tcp_write_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,7 @@ class MetricsConfig:
 class QueryLogConfig:
     path: Path | None = None
     only_blocked: bool = False
+    mode: str = "0600"  # octal, of a newly created log file: it names every handset's lookups
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +79,32 @@ class AuditConfig:
 class ProxyConfig:
     listen: Endpoint = ("127.0.0.1", 8080)
     mode: str = "regular"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyAuthConfig:
+    """SSO in front of the console: the user name in `header`, believed only from `trusted_proxies`."""
+
+    header: str = "X-Forwarded-User"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """The admin console in the browser (off unless `enabled: true`)."""
+
+    enabled: bool = False
+    listen: Endpoint = ("127.0.0.1", 9155)
+    users: Path | None = None  # the users file `blocker console add-user` writes
+    requests: Path | None = None  # pending four-eyes requests (JSON); default beside the users file
+    secure_cookies: bool = False  # set when the console is reached over HTTPS (TLS here or at a proxy)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # require client certificates from this CA; the user is their commonName
+    session_minutes: int = 480
+    login_attempts: int = 5  # failed logins per user name or per address before a lockout
+    lockout_seconds: int = 300
+    proxy_auth: ProxyAuthConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +162,7 @@ class Config:
     source: Path | None = None
     # Lines of the config file for the sections that later checks refer to.
     lines: dict[str, int] = field(default_factory=dict)
+    console: ConsoleConfig = ConsoleConfig()
     audit: AuditConfig = AuditConfig()
     warnings: tuple[Problem, ...] = ()
 
@@ -183,9 +218,10 @@ def embedded_defaults() -> Config:
     )
 
 
-_TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "audit"}
+_TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "audit", "console"}
 _DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_ttl", "cache_size",
-             "trusted_forwarders", "upstream_timeout"}
+             "trusted_forwarders", "upstream_timeout",
+             "cache_bytes", "tcp_max_connections", "tcp_max_per_client", "tcp_write_timeout"}
 _POLICY_KEYS = {"default_group", "groups", "devices", "exemptions", "exemptions_file", "expiry_warning_days"}
 _DEVICE_KEYS = {"id", "addresses", "group"}
 _EXEMPTION_KEYS = {"device", "allow", "approved_by", "reference", "reason", "expires", "starts"}
@@ -219,9 +255,13 @@ def load_config(path: Path | None, texts: dict[Path, str] | None = None) -> Conf
         policy=_policy(read, top.get("policy"), lines, base, texts, warnings),
         source=path,
         lines=lines,
+        console=_console(read, top.get("console"), base),
         audit=_audit(read, top.get("audit"), base),
         warnings=tuple(warnings.problems),
     )
+    if config.console.enabled and config.audit.path is None:
+        read.error(top.get("console"), "console.enabled needs audit.path: every console view, request and "
+                                       "approval is written to the audit trail")
     if problems.problems:
         raise ConfigError(problems.problems)
     return config
@@ -293,11 +333,46 @@ def _dns(read: Reader, node: yaml.Node | None, warnings: Collector) -> DnsConfig
     if "upstream_timeout" in fields:
         timeout = read.number(fields["upstream_timeout"], "dns.upstream_timeout", 0.05)
         values["upstream_timeout"] = defaults.upstream_timeout if timeout is None else timeout
+    _dns_bounds(read, fields, values)
     return DnsConfig(**values)  # type: ignore[arg-type]
 
 
+def _dns_bounds(read: Reader, fields: dict[str, yaml.Node], values: dict[str, object]) -> None:
+    """The memory and connection bounds of the dns section."""
+    defaults = DnsConfig()
+    if "cache_bytes" in fields:
+        size = _byte_size(read, fields["cache_bytes"], "dns.cache_bytes")
+        values["cache_bytes"] = defaults.cache_bytes if size is None else size
+    for key, low, high in (("tcp_max_connections", 1, 1_000_000), ("tcp_max_per_client", 1, 1_000_000)):
+        if key in fields:
+            number = read.integer(fields[key], f"dns.{key}", low, high)
+            values[key] = getattr(defaults, key) if number is None else number
+    if "tcp_write_timeout" in fields:
+        timeout = read.number(fields["tcp_write_timeout"], "dns.tcp_write_timeout", 0.05)
+        values["tcp_write_timeout"] = defaults.tcp_write_timeout if timeout is None else timeout
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
+
+
+def _byte_size(read: Reader, node: yaml.Node, where: str) -> int | None:
+    """A size in bytes: a number, or a number with a unit (`64MiB`, `512k`, `1 GiB`; powers of 1024)."""
+    written = node.value.strip() if isinstance(node, yaml.ScalarNode) else ""
+    text = written.lower()
+    number = text.rstrip("bgikm ")
+    unit = text[len(number):].strip()
+    if not number.isdigit() or unit not in _BYTE_UNITS:
+        read.error(node, f"{where} must be a size in bytes such as 134217728 or 128MiB, got '{written}'")
+        return None
+    size = int(number) * _BYTE_UNITS[unit]
+    if size > 64 * 1024**3:
+        read.error(node, f"{where} must be at most 64GiB")
+        return None
+    return size
+
+
 def _block_response(read: Reader, node: yaml.Node) -> BlockResponse:
-    # SPEC writes `block_response: null` unquoted; YAML reads that as a null, so the word is taken as written.
+    # The documented form is `block_response: null`, unquoted: YAML reads a null, so the word is taken as written.
     if isinstance(node, yaml.ScalarNode) and node.value == "null":
         return BlockResponse("null")
     text = read.string(node, "dns.block_response")
@@ -340,7 +415,7 @@ def _blocklists_path(read: Reader, node: yaml.Node | None, base: Path) -> Path:
 
 
 def _query_log(read: Reader, node: yaml.Node | None, base: Path) -> QueryLogConfig:
-    fields = read.mapping(node, "query_log", {"path", "only_blocked"})
+    fields = read.mapping(node, "query_log", {"path", "only_blocked", "mode"})
     path = None
     if "path" in fields and not (isinstance(fields["path"], yaml.ScalarNode)
                                  and fields["path"].tag.endswith(":null")):
@@ -349,7 +424,15 @@ def _query_log(read: Reader, node: yaml.Node | None, base: Path) -> QueryLogConf
     only_blocked = False
     if "only_blocked" in fields:
         only_blocked = bool(read.boolean(fields["only_blocked"], "query_log.only_blocked"))
-    return QueryLogConfig(path, only_blocked)
+    mode = QueryLogConfig().mode
+    if "mode" in fields:
+        node = fields["mode"]
+        text = node.value if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"') else None
+        if text is None or not re.fullmatch(r"0?[0-7]{3}", text):
+            read.error(node, "query_log.mode must be a quoted octal file mode such as \"0600\" or \"0640\"")
+        else:
+            mode = text
+    return QueryLogConfig(path, only_blocked, mode)
 
 
 def _proxy(read: Reader, node: yaml.Node | None) -> ProxyConfig:
@@ -366,6 +449,53 @@ def _proxy(read: Reader, node: yaml.Node | None) -> ProxyConfig:
         elif text is not None:
             mode = text
     return ProxyConfig(listen, mode)
+
+
+_CONSOLE_KEYS = {"enabled", "listen", "users", "requests", "secure_cookies", "tls_cert", "tls_key", "tls_client_ca",
+                 "session_minutes", "login_attempts", "lockout_seconds", "proxy_auth"}
+
+
+def _console(read: Reader, node: yaml.Node | None, base: Path) -> ConsoleConfig:
+    fields = read.mapping(node, "console", _CONSOLE_KEYS)
+    if not fields:
+        return ConsoleConfig()
+    defaults = ConsoleConfig()
+    values: dict[str, object] = {}
+    for key in ("enabled", "secure_cookies"):
+        if key in fields:
+            flag = read.boolean(fields[key], f"console.{key}")
+            values[key] = bool(flag)
+    if "listen" in fields:
+        values["listen"] = read.endpoint(fields["listen"], "console.listen") or defaults.listen
+    for key in ("users", "requests", "tls_cert", "tls_key", "tls_client_ca"):
+        if key in fields:
+            text = read.string(fields[key], f"console.{key}")
+            values[key] = base / text if text else None
+    for key, low, high in (("session_minutes", 1, 10080), ("login_attempts", 1, 1000),
+                           ("lockout_seconds", 1, 86400)):
+        if key in fields:
+            number = read.integer(fields[key], f"console.{key}", low, high)
+            values[key] = getattr(defaults, key) if number is None else number
+    if "proxy_auth" in fields:
+        auth = read.mapping(fields["proxy_auth"], "console.proxy_auth", {"header", "trusted_proxies"})
+        header = read.string(auth["header"], "console.proxy_auth.header") if "header" in auth else None
+        proxies = _networks(read, auth.get("trusted_proxies"), "console.proxy_auth.trusted_proxies")
+        if not proxies:
+            read.error(fields["proxy_auth"], "console.proxy_auth needs trusted_proxies: the addresses of the "
+                                             "proxy that sets the header (anyone else could send it)")
+        values["proxy_auth"] = ProxyAuthConfig(header or ProxyAuthConfig.header, proxies)
+    if values.get("enabled") and values.get("users") is None:
+        read.error(node, "console.enabled needs console.users (the file `blocker console add-user` writes)")
+    if (values.get("tls_cert") is None) != (values.get("tls_key") is None):
+        read.error(node, "console: tls_cert and tls_key go together")
+    if values.get("tls_client_ca") is not None and values.get("tls_cert") is None:
+        read.error(fields["tls_client_ca"], "console.tls_client_ca needs tls_cert and tls_key (client "
+                                            "certificates are checked in the console's own TLS)")
+    if values.get("tls_cert") is not None and "secure_cookies" not in fields:
+        values["secure_cookies"] = True
+    if values.get("users") is not None and values.get("requests") is None:
+        values["requests"] = values["users"].parent / "console-requests.json"  # type: ignore[attr-defined]
+    return ConsoleConfig(**values)  # type: ignore[arg-type]
 
 
 def _policy(read: Reader, node: yaml.Node | None, lines: dict[str, int], base: Path,
