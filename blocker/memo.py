@@ -35,9 +35,10 @@ MEMO_LIMIT = 200_000
 FOREVER = float("inf")
 # What a table entry costs beside its own bytes, measured with tracemalloc (tests/test_memo_bytes.py
 # keeps the estimates honest): the OrderedDict slot and link, the name string's header; for an
-# answer, also the key tuple, the MemoHit and its float (its name is the categories key's string).
+# answer, also the key tuple, the MemoHit, its float and its own name string (an answer is
+# remembered on its name's second query, whose parse made a new string: 49 bytes plus the name).
 CATEGORY_OVERHEAD = 150
-REPLY_OVERHEAD = 340
+REPLY_OVERHEAD = 340 + 49
 CATEGORIES_SHARE = 4  # of the memo's bytes, at most a quarter for name -> categories
 
 
@@ -69,7 +70,7 @@ def _category_size(qname: object, categories: object) -> int:
 
 
 def _reply_size(key: object, hit: object) -> int:
-    return len(key[2]) + len(hit.reply) + REPLY_OVERHEAD  # type: ignore[index, attr-defined]
+    return len(key[2]) + len(hit.reply) + len(hit.qname) + REPLY_OVERHEAD  # type: ignore[index, attr-defined]
 
 
 class MemoHit:

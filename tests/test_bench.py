@@ -1,5 +1,7 @@
-"""bench/ runs on a fresh machine: it imports only the standard library, blocker and blocker's
-runtime dependencies (bench/run installs just those), never the tests' helpers or their tools."""
+"""`bench/run` works on a fresh machine: what it runs (bench.py, and without_metrics.py, which
+bench.py starts) and bench/hotpath.py import only the standard library, blocker and blocker's
+runtime dependencies (bench/run installs just those), never the tests' helpers or their tools.
+(Other tools in bench/, such as soak_server.py, reuse the tests' helpers on purpose.)"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import tomllib
 import pytest
 from helpers import ROOT
 
-BENCH = sorted((ROOT / "bench").glob("*.py"))
+BENCH = [ROOT / "bench" / name for name in ("bench.py", "without_metrics.py", "hotpath.py")]
 # Distribution name -> the module it installs, where they differ.
 MODULE_OF = {"pyyaml": "yaml", "prometheus-client": "prometheus_client"}
 
