@@ -1,0 +1,221 @@
+"""Soak: rerun the upstream rows of issue 10's table against the real `blocker serve` and print them.
+
+Rows (each bounded in time, loopback only):
+  forgery   3 names, 65,536 forged answers each from tests/spoofer.py while the real (slow) upstream
+            is still thinking; how many names end up poisoned in the cache
+  dead      first upstream black-holed, second healthy (Knot): miss latency over time, and SERVFAIL
+            at 3,000 misses/s (dnsperf)
+  fairness  one client asking random subdomains of a zone whose servers never answer at 8,000 q/s;
+            SERVFAIL among another client's misses
+  stale     answers expire while every upstream is dead: stale answers served vs SERVFAIL
+
+Usage: python3 bench/soak_upstream.py [--rows forgery,dead,fairness,stale]
+Needs root (raw socket for the spoofer), dnsperf and knotd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import dns.message  # noqa: E402
+import dns.query  # noqa: E402
+import dns.rcode  # noqa: E402
+from helpers import Blocker, FaultyUpstream, Knot  # noqa: E402
+from spoofer import spray  # noqa: E402
+
+FORGED = "203.0.113.66"
+
+
+def config(directory: Path, upstreams: list[str], timeout: float, extra: str = "") -> Path:
+    path = directory / "blocker.yaml"
+    listed = ", ".join(f'"{u}"' for u in upstreams)
+    path.write_text(f'dns:\n  listen: ["127.0.0.1:0"]\n  upstreams: [{listed}]\n  upstream_timeout: {timeout}\n'
+                    + extra + 'metrics:\n  listen: "127.0.0.1:0"\n'
+                    + f'blocklists: "{ROOT / "blocklists"}"\n')
+    return path
+
+
+def query(port: int, name: str, timeout: float = 5.0, source: str | None = None) -> dns.message.Message:
+    return dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=timeout, source=source)
+
+
+def addresses(response: dns.message.Message) -> list[str]:
+    return [rr.to_text() for rrset in response.answer for rr in rrset]
+
+
+def row_forgery(work: Path, ports: str, extra: str = "") -> str:
+    upstream = FaultyUpstream("slow", delay=1.0)
+    server = Blocker(config(work, [upstream.endpoint], 3.0, extra)).start()
+    poisoned = 0
+    sent_total = 0
+    spent = 0.0
+    try:
+        query(server.port, "warm-up.example.test")  # an attacker's own query: teaches it the source port
+        for index in range(3):
+            name = f"victim-{index}-{random.randrange(10**6)}.example.test"
+            before = upstream.count()
+            first: list[dns.message.Message] = []
+            asker = threading.Thread(target=lambda n=name, out=first: out.append(query(server.port, n)))
+            asker.start()
+            end = time.monotonic() + 2
+            while upstream.count() == before and time.monotonic() < end:
+                time.sleep(0.005)
+            result = spray(("127.0.0.1", upstream.port), "127.0.0.1", name, FORGED, 65536, 5.0, ports)
+            sent_total += int(result["sent"])
+            spent += result["seconds"]
+            asker.join(10)
+            again = query(server.port, name)
+            if FORGED in addresses(again) or (first and FORGED in addresses(first[0])):
+                poisoned += 1
+    finally:
+        server.stop()
+        upstream.stop()
+    return f"forgery ({ports} ports{', ' + extra.strip() if extra else ''}): {sent_total} forged answers in " \
+           f"{spent:.2f} s, poisoned {poisoned} of 3 names"
+
+
+def dnsperf(port: int, names: list[str], qps: int, seconds: int, source: str | None = None) -> dict[str, float]:
+    tool = shutil.which("dnsperf")
+    if tool is None:
+        sys.exit("soak: dnsperf is missing (apt-get install dnsperf)")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as data:
+        data.write("".join(f"{name} A\n" for name in names))
+    args = [tool, "-s", "127.0.0.1", "-p", str(port), "-d", data.name, "-l", str(seconds), "-Q", str(qps),
+            "-c", "4", "-q", "2000", "-t", "3", "-n", "1"]
+    if source:
+        args += ["-a", source]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
+    os.unlink(data.name)
+    found: dict[str, float] = {}
+    for key, pattern in (("sent", r"Queries sent:\s+(\d+)"), ("completed", r"Queries completed:\s+(\d+)"),
+                         ("lost", r"Queries lost:\s+(\d+)"), ("servfail", r"SERVFAIL (\d+)"),
+                         ("qps", r"Queries per second:\s+([\d.]+)"),
+                         ("latency", r"Average Latency \(s\):\s+([\d.]+)")):
+        match = re.search(pattern, out)
+        found[key] = float(match.group(1)) if match else 0.0
+    return found
+
+
+def row_dead(work: Path) -> str:
+    knot = Knot(work / "knot", ["example.test"]).start()
+    hole = FaultyUpstream("blackhole")
+    server = Blocker(config(work, [hole.endpoint, knot.endpoint], 2.0)).start()
+    try:
+        latencies = []
+        started = time.monotonic()
+        for index in range(40):
+            began = time.monotonic()
+            try:
+                query(server.port, f"miss-{index}-{random.randrange(10**9)}.example.test", timeout=5)
+                latencies.append((began - started, time.monotonic() - began))
+            except dns.exception.Timeout:
+                latencies.append((began - started, float("inf")))
+            if time.monotonic() - started > 15:
+                break
+        settled = [lat for at, lat in latencies if at > 3.0]
+        slow_after = sum(1 for lat in settled if lat > 0.1)
+        names = [f"load-{i}-{random.randrange(10**9)}.example.test" for i in range(3000 * 10)]
+        result = dnsperf(server.port, names, 3000, 10)
+    finally:
+        server.stop()
+        hole.stop()
+        knot.stop()
+    first = ", ".join(f"{lat * 1000:.0f}" for _, lat in latencies[:5])
+    median = sorted(settled)[len(settled) // 2] * 1000 if settled else float("nan")
+    servfail = 100 * result["servfail"] / max(1, result["sent"])
+    return (f"dead first upstream: first misses {first} ms; after 3 s median {median:.1f} ms, {slow_after} of "
+            f"{len(settled)} over 100 ms; at 3,000 misses/s for 10 s: {result['completed']:.0f}/{result['sent']:.0f} "
+            f"answered, {servfail:.2f} % SERVFAIL, {result['lost']:.0f} lost")
+
+
+def row_fairness(work: Path, extra: str = "") -> str:
+    upstream = FaultyUpstream("ok", blackhole_zone="never.test")
+    server = Blocker(config(work, [upstream.endpoint], 2.0, extra)).start()
+    try:
+        attacker_names = [f"r{random.randrange(10**12)}.never.test" for _ in range(8000 * 12)]
+        box: dict[str, dict[str, float]] = {}
+        attacker = threading.Thread(target=lambda: box.update(a=dnsperf(server.port, attacker_names, 8000, 12,
+                                                                       source="127.0.0.2")))
+        attacker.start()
+        time.sleep(2)
+        victim_names = [f"v{random.randrange(10**12)}.example.test" for _ in range(200 * 8)]
+        victim = dnsperf(server.port, victim_names, 200, 8, source="127.0.0.1")
+        attacker.join(60)
+    finally:
+        server.stop()
+        upstream.stop()
+    servfail = 100 * victim["servfail"] / max(1, victim["sent"])
+    lost = 100 * victim["lost"] / max(1, victim["sent"])
+    a = box.get("a", {})
+    return (f"fairness{' (' + extra.strip() + ')' if extra else ''}: attacker {a.get('sent', 0):.0f} sent at "
+            f"8,000 q/s; other client's misses: {victim['sent']:.0f} sent, {servfail:.2f} % SERVFAIL, {lost:.2f} % "
+            f"lost, mean latency {victim['latency'] * 1000:.1f} ms")
+
+
+def row_stale(work: Path) -> str:
+    upstream = FaultyUpstream("ok", ttl=1)
+    server = Blocker(config(work, [upstream.endpoint], 0.5)).start()
+    try:
+        names = [f"stale-{i}.example.test" for i in range(20)]
+        for name in names:
+            query(server.port, name)
+        upstream.set_mode("blackhole")
+        time.sleep(2.2)
+        rcodes: dict[str, int] = {}
+        for name in names:
+            response = query(server.port, name)
+            text = dns.rcode.to_text(response.rcode())
+            stale = any(int(e.code) == 3 for e in response.extended_errors())
+            key = f"{text}{' (stale, EDE 3)' if stale else ''}"
+            rcodes[key] = rcodes.get(key, 0) + 1
+    finally:
+        server.stop()
+        upstream.stop()
+    return f"serve-stale: 20 expired names, every upstream dead: {rcodes}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="forgery,dead,fairness,stale")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    with tempfile.TemporaryDirectory(prefix="i10b-soak-") as tmp:
+        work = Path(tmp)
+        lines = []
+        for row in rows:
+            directory = work / row
+            directory.mkdir()
+            if row == "forgery":
+                lines.append(row_forgery(directory, "learned"))
+                print(lines[-1], flush=True)
+                (directory / "live").mkdir()
+                lines.append(row_forgery(directory / "live", "live"))
+            elif row == "dead":
+                lines.append(row_dead(directory))
+            elif row == "fairness":
+                lines.append(row_fairness(directory))
+            elif row == "stale":
+                lines.append(row_stale(directory))
+            print(lines[-1], flush=True)
+    print("\n| row | measured |\n| --- | --- |")
+    for line in lines:
+        name, _, text = line.partition(": ")
+        print(f"| {name} | {text} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
