@@ -1,0 +1,64 @@
+"""Pure logic of upstream health and of the per-client limits, on a fake clock."""
+
+from __future__ import annotations
+
+from blocker.health import DOWN_AFTER, Health, order
+from blocker.ratelimit import Outstanding, RateLimiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_unmeasured_upstreams_keep_configured_order_then_fastest_first() -> None:
+    first, second = Health(0, 2.0), Health(1, 2.0)
+    assert order([first, second], 0.0) == [first, second]
+    first.replied(0.050)
+    second.replied(0.002)
+    assert order([first, second], 0.0) == [second, first]
+
+
+def test_a_silent_upstream_becomes_suspect_and_goes_last() -> None:
+    hole, healthy = Health(0, 2.0), Health(1, 2.0)
+    hole.sent(10.0)
+    assert not hole.suspect(10.4)
+    assert hole.suspect(10.6)  # no RTT sample: silent 0.5 s is suspect
+    assert order([hole, healthy], 10.6) == [healthy, hole]
+    hole.replied(0.001)
+    assert not hole.suspect(10.7)
+
+
+def test_down_after_failures_in_a_row_skipped_unless_nothing_else_and_back_on_a_reply() -> None:
+    dead, other = Health(0, 2.0), Health(1, 2.0)
+    transitions = [dead.failed(5.0) for _ in range(DOWN_AFTER)]
+    assert transitions == [False] * (DOWN_AFTER - 1) + [True]
+    assert dead.is_down() and order([dead, other], 5.0) == [other]
+    for _ in range(DOWN_AFTER):
+        other.failed(6.0)
+    assert order([dead, other], 5.0) == [dead, other]  # everything down: still asked
+    first_probe = dead.down_until
+    dead.probe_failed(first_probe)
+    assert dead.down_until - first_probe == 2.0  # backoff doubles
+    dead.replied(0.003)
+    assert not dead.is_down() and dead.srtt == 0.003
+
+
+def test_token_bucket_allows_burst_then_rate() -> None:
+    clock = Clock()
+    limiter = RateLimiter(qps=10, burst=20, clock=clock)
+    assert sum(limiter.allow("10.0.0.1") for _ in range(30)) == 20
+    assert limiter.allow("10.0.0.2")  # another client has its own bucket
+    clock.now += 0.5
+    assert sum(limiter.allow("10.0.0.1") for _ in range(30)) == 5
+
+
+def test_outstanding_cap_per_client() -> None:
+    outstanding = Outstanding(2)
+    assert outstanding.acquire("a") and outstanding.acquire("a") and not outstanding.acquire("a")
+    assert outstanding.acquire("b")
+    outstanding.release("a")
+    assert outstanding["a"] == 1 and outstanding.acquire("a")
