@@ -51,6 +51,10 @@ class CacheEntry:
             return self.rendered if edns else self.rendered_plain
         return _with_ttls(self.wire if edns else self.without_opt, self.offsets, self.ttls, age, cap)
 
+    def render_stale(self, ttl: int) -> bytes:
+        """The answer without its OPT and with every TTL set to `ttl` (RFC 8767: served expired)."""
+        return _with_ttls(self.without_opt, self.offsets, (ttl,) * len(self.offsets), 0, None)
+
 
 def _with_ttls(wire: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int,
                cap: float | None) -> bytes:
@@ -80,6 +84,7 @@ class AnswerCache:
     def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.size = size
         self.clock = clock
+        self.stale_window = 0.0  # expired entries are kept (until evicted) this long, for serve-stale
         self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -94,11 +99,21 @@ class AnswerCache:
             self.misses += 1
             return None
         if entry.expires <= now:
-            del self._entries[key]
+            if now - entry.expires > self.stale_window:
+                del self._entries[key]
             self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
+        return entry
+
+    def get_stale(self, key: bytes, now: float) -> CacheEntry | None:
+        """An expired answer still within the serve-stale window; never a SERVFAIL."""
+        entry = self._entries.get(key)
+        if entry is None or entry.expires > now or now - entry.expires > self.stale_window:
+            return None
+        if entry.wire[3] & 0xF == RCODE_SERVFAIL:
+            return None
         return entry
 
     def put(self, key: bytes, wire: bytes, scan: Scan, now: float) -> CacheEntry:

@@ -36,6 +36,15 @@ class BlockResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Queries a second per client address beyond which it is answered REFUSED (or dropped); 0 = off."""
+
+    qps: float = 0.0
+    burst: float = 0.0
+    action: str = "refused"
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     listen: tuple[Endpoint, ...] = (("127.0.0.1", 5353),)
     upstreams: tuple[Endpoint, ...] = ()
@@ -46,6 +55,10 @@ class DnsConfig:
     cache_size: int = 100_000
     trusted_forwarders: tuple[IPNetwork, ...] = ()
     upstream_timeout: float = 2.0
+    upstream_0x20: bool = True  # randomise the case of names sent upstream (falls back per upstream)
+    serve_stale: float = 86_400.0  # seconds an expired answer may still be served when upstreams fail
+    rate_limit: RateLimit = RateLimit()
+    max_outstanding_per_client: int = 2048  # queries one client may have waiting on the upstreams
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +185,10 @@ def embedded_defaults() -> Config:
 
 _TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy"}
 _DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_ttl", "cache_size",
-             "trusted_forwarders", "upstream_timeout"}
+             "trusted_forwarders", "upstream_timeout", "upstream_0x20", "serve_stale", "rate_limit",
+             "max_outstanding_per_client"}
+_RATE_LIMIT_KEYS = {"qps", "burst", "action"}
+RATE_LIMIT_ACTIONS = ("refused", "drop")
 _POLICY_KEYS = {"default_group", "groups", "devices", "exemptions"}
 _DEVICE_KEYS = {"id", "addresses", "group"}
 _EXEMPTION_KEYS = {"device", "allow", "approved_by", "reference", "reason", "expires", "starts"}
@@ -256,7 +272,33 @@ def _dns(read: Reader, node: yaml.Node | None) -> DnsConfig:
     if "upstream_timeout" in fields:
         timeout = read.number(fields["upstream_timeout"], "dns.upstream_timeout", 0.05)
         values["upstream_timeout"] = defaults.upstream_timeout if timeout is None else timeout
+    if "upstream_0x20" in fields:
+        flag = read.boolean(fields["upstream_0x20"], "dns.upstream_0x20")
+        values["upstream_0x20"] = defaults.upstream_0x20 if flag is None else flag
+    if "serve_stale" in fields:
+        stale = read.number(fields["serve_stale"], "dns.serve_stale", 0.0)
+        values["serve_stale"] = defaults.serve_stale if stale is None else stale
+    if "max_outstanding_per_client" in fields:
+        cap = read.integer(fields["max_outstanding_per_client"], "dns.max_outstanding_per_client", 0, 1_000_000)
+        values["max_outstanding_per_client"] = defaults.max_outstanding_per_client if cap is None else cap
+    if "rate_limit" in fields:
+        values["rate_limit"] = _rate_limit(read, fields["rate_limit"])
     return DnsConfig(**values)  # type: ignore[arg-type]
+
+
+def _rate_limit(read: Reader, node: yaml.Node) -> RateLimit:
+    fields = read.mapping(node, "dns.rate_limit", _RATE_LIMIT_KEYS)
+    qps = read.number(fields["qps"], "dns.rate_limit.qps", 0.0) if "qps" in fields else None
+    qps = qps or 0.0
+    burst = read.number(fields["burst"], "dns.rate_limit.burst", 1.0) if "burst" in fields else None
+    action = "refused"
+    if "action" in fields:
+        text = read.string(fields["action"], "dns.rate_limit.action")
+        if text is not None and text not in RATE_LIMIT_ACTIONS:
+            read.error(fields["action"], f"dns.rate_limit.action must be refused or drop, got '{text}'")
+        elif text is not None:
+            action = text
+    return RateLimit(qps, burst if burst is not None else 2 * qps, action)
 
 
 def _block_response(read: Reader, node: yaml.Node) -> BlockResponse:
