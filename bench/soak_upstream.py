@@ -94,7 +94,7 @@ def dnsperf(port: int, names: list[str], qps: int, seconds: int, source: str | N
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as data:
         data.write("".join(f"{name} A\n" for name in names))
     args = [tool, "-s", "127.0.0.1", "-p", str(port), "-d", data.name, "-l", str(seconds), "-Q", str(qps),
-            "-c", "4", "-q", "2000", "-t", "3", "-n", "1"]
+            "-c", "4", "-q", "40000", "-t", "3", "-n", "1"]
     if source:
         args += ["-a", source]
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
