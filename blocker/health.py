@@ -2,8 +2,9 @@
 
 Pure bookkeeping on an injectable clock; upstream.py feeds it and probes the upstreams it marks down.
 An upstream is *suspect* when queries sent to it have gone unanswered for longer than it usually
-takes (new queries then go elsewhere first), and *down* after `DOWN_AFTER` failures in a row (skipped
-while another upstream is usable, and probed in the background until it answers).
+takes (new queries then go elsewhere first), and *down* after `DOWN_AFTER` failures in a row, or after one timeout when it has answered nothing at all
+since that query was sent (skipped while another upstream is usable, and probed in the background
+until it answers).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ SUSPECT_DEFAULT = 0.5  # silent this long, before any RTT sample, is suspect
 class Health:
     """One upstream's state."""
 
-    __slots__ = ("backoff", "down_until", "failures", "index", "preserves_case_after", "rttvar", "silent_since",
+    __slots__ = ("backoff", "down", "down_until", "failures", "index", "preserves_case_after", "rttvar", "silent_since",
                  "srtt", "timeout")
 
     def __init__(self, index: int, timeout: float) -> None:
@@ -27,7 +28,8 @@ class Health:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.failures = 0
-        self.down_until = 0.0
+        self.down = False
+        self.down_until = 0.0  # when it is probed next
         self.backoff = FIRST_BACKOFF
         self.silent_since: float | None = None  # when the oldest query not followed by any reply was sent
         self.preserves_case_after = 0.0  # 0x20 is used again from this time on
@@ -40,6 +42,7 @@ class Health:
         """Any reply, even SERVFAIL or REFUSED: it is alive."""
         self.silent_since = None
         self.failures = 0
+        self.down = False
         self.down_until = 0.0
         self.backoff = FIRST_BACKOFF
         if self.srtt is None:
@@ -51,7 +54,9 @@ class Health:
     def failed(self, now: float) -> bool:
         """A timeout or a refused connection; True when this makes it down."""
         self.failures += 1
-        if self.failures == DOWN_AFTER:
+        silent = self.silent_since is not None and now - self.silent_since >= self.timeout
+        if not self.down and (self.failures >= DOWN_AFTER or silent):
+            self.down = True
             self.down_until = now + self.backoff
             return True
         return False
@@ -61,7 +66,7 @@ class Health:
         self.down_until = now + self.backoff
 
     def is_down(self) -> bool:
-        return self.failures >= DOWN_AFTER
+        return self.down
 
     def suspect(self, now: float) -> bool:
         if self.silent_since is None:
