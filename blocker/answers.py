@@ -11,6 +11,7 @@ from blocker.message import (
     EDE_NO_REACHABLE_AUTHORITY,
     EDE_OTHER,
     EDE_PROHIBITED,
+    EDE_STALE_ANSWER,
     QTYPE_A,
     QTYPE_AAAA,
     RCODE_NOERROR,
@@ -50,6 +51,9 @@ class BlockAnswers:
         self._servfail_opt = opt_pair(ede_option(EDE_NO_REACHABLE_AUTHORITY, "no upstream answered"))
         self._unreadable_opt = opt_pair(ede_option(EDE_OTHER, "upstream answer unreadable"))
         self._internal_opt = opt_pair(ede_option(EDE_OTHER, "internal error"))
+        self._rate_limited_opt = opt_pair(ede_option(EDE_OTHER, "rate limited"))
+        self._busy_opt = opt_pair(ede_option(EDE_OTHER, "too many queries of this client waiting upstream"))
+        self.stale_opt = opt_pair(ede_option(EDE_STALE_ANSWER, "no upstream answered; expired answer"))
         for category in policy.lists.categories:
             self._opt_for(category)
 
@@ -84,6 +88,14 @@ class BlockAnswers:
     def unreadable(self, query: Query) -> bytes:
         """SERVFAIL: the upstream's answer was not a well-formed message."""
         return answer(query, RCODE_SERVFAIL, opt=self._unreadable_opt)
+
+    def rate_limited(self, query: Query) -> bytes:
+        """REFUSED with EDE 0: the client is over its `dns.rate_limit`."""
+        return answer(query, RCODE_REFUSED, opt=self._rate_limited_opt)
+
+    def client_busy(self, query: Query) -> bytes:
+        """SERVFAIL with EDE 0: the client already has `max_outstanding_per_client` queries waiting."""
+        return answer(query, RCODE_SERVFAIL, opt=self._busy_opt)
 
     def internal_error(self, query: Query) -> bytes:
         """SERVFAIL: answering this query raised (logged with its traceback)."""

@@ -77,6 +77,7 @@ class Daemon:
         self.stats.prepare(policy.group_order, policy.lists.categories)
         dns = policy.config.dns
         self.cache = AnswerCache(dns.cache_size)
+        self.cache.stale_window = dns.serve_stale
         self.upstreams = follow_config(None, dns, self.stats)
         self.recorder = Recorder(self.stats, self.clock)
         self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock)
@@ -202,6 +203,7 @@ class Daemon:
             # Answers from the old upstreams may differ: start the cache afresh.
             self.cache.clear()
         self.cache.size = new.dns.cache_size
+        self.cache.stale_window = new.dns.serve_stale
         if new.dns.listen != old.dns.listen or new.metrics.listen != old.metrics.listen:
             log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
         self.stats.prepare(policy.group_order, policy.lists.categories)

@@ -2,9 +2,9 @@
 
 Pure bookkeeping on an injectable clock; upstream.py feeds it and probes the upstreams it marks down.
 An upstream is *suspect* when queries sent to it have gone unanswered for longer than it usually
-takes (new queries then go elsewhere first), and *down* after `DOWN_AFTER` failures in a row, or after one timeout when it has answered nothing at all
-since that query was sent (skipped while another upstream is usable, and probed in the background
-until it answers).
+takes (new queries then go elsewhere first), and *down* after `DOWN_AFTER` failures in a row, or
+after one timeout when it has answered nothing at all since that query was sent (skipped while
+another upstream is usable, and probed in the background until it answers).
 """
 
 from __future__ import annotations
