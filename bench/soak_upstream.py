@@ -8,6 +8,11 @@ Rows (each bounded in time, loopback only):
   fairness  one client asking random subdomains of a zone whose servers never answer at 8,000 q/s;
             SERVFAIL among another client's misses
   stale     answers expire while every upstream is dead: stale answers served vs SERVFAIL
+  reload    30,000 devices and 5,000 exemptions, 10 SIGHUPs one second apart under 2,000 q/s:
+            queries lost, p99 latency, and how long the reloads took
+  cost      CPU cost of the spoof-resistant upstream path: q/s of blocker pinned to one core on the
+            80/20 mix (cached allowed / blocked) and on misses only (every name new), for /work/main's
+            code and this tree's, 0x20 on and off (`--main DIR` names the other tree)
 
 Usage: python3 bench/soak_upstream.py [--rows forgery,dead,fairness,stale]
 Needs root (raw socket for the spoofer), dnsperf and knotd.
@@ -87,16 +92,21 @@ def row_forgery(work: Path, ports: str, extra: str = "") -> str:
            f"{spent:.2f} s, poisoned {poisoned} of 3 names"
 
 
-def dnsperf(port: int, names: list[str], qps: int, seconds: int, source: str | None = None) -> dict[str, float]:
+def dnsperf(port: int, names: list[str], qps: int | None, seconds: int, source: str | None = None,
+            pin: str | None = None, outstanding: int = 40000) -> dict[str, float]:
     tool = shutil.which("dnsperf")
     if tool is None:
         sys.exit("soak: dnsperf is missing (apt-get install dnsperf)")
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as data:
         data.write("".join(f"{name} A\n" for name in names))
-    args = [tool, "-s", "127.0.0.1", "-p", str(port), "-d", data.name, "-l", str(seconds), "-Q", str(qps),
-            "-c", "4", "-q", "40000", "-t", "3", "-n", "1"]
+    args = [tool, "-s", "127.0.0.1", "-p", str(port), "-d", data.name, "-l", str(seconds),
+            "-c", "4", "-q", str(outstanding), "-t", "3", "-n", "1"]
+    if qps:
+        args += ["-Q", str(qps)]
     if source:
         args += ["-a", source]
+    if pin:
+        args = ["taskset", "-c", pin, *args]
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
     os.unlink(data.name)
     found: dict[str, float] = {}
@@ -116,14 +126,16 @@ def row_dead(work: Path) -> str:
     try:
         latencies = []
         started = time.monotonic()
-        for index in range(40):
+        for index in range(100):
+            if index:
+                time.sleep(0.1)
             began = time.monotonic()
             try:
                 query(server.port, f"miss-{index}-{random.randrange(10**9)}.example.test", timeout=5)
                 latencies.append((began - started, time.monotonic() - began))
             except dns.exception.Timeout:
                 latencies.append((began - started, float("inf")))
-            if time.monotonic() - started > 15:
+            if time.monotonic() - started > 6:
                 break
         settled = [lat for at, lat in latencies if at > 3.0]
         slow_after = sum(1 for lat in settled if lat > 0.1)
@@ -187,9 +199,128 @@ def row_stale(work: Path) -> str:
     return f"serve-stale: 20 expired names, every upstream dead: {rcodes}"
 
 
+def start_tree(tree: Path, config_path: Path) -> tuple[subprocess.Popen[str], int]:
+    """`blocker serve` from the source tree `tree`, pinned to CPU 0; returns it and its DNS port."""
+    process = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "blocker", "serve", "--config",
+                                str(config_path)], cwd=tree, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               text=True, env={**os.environ, "PYTHONPATH": str(tree)})
+    assert process.stderr is not None
+    port = 0
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        line = process.stderr.readline()
+        found = re.search(r"listening dns=\S+:(\d+) ", line)
+        if found:
+            port = int(found.group(1))
+        if " ready " in line:
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process, port
+    process.kill()
+    raise SystemExit(f"soak: blocker from {tree} did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def row_cost(work: Path, main_tree: Path) -> list[str]:
+    knot = Knot(work / "knot", ["example.test"]).start()
+    allowed = [f"a{i}.example.test" for i in range(2000)]
+    blocked = ["www.tiktok.com", "api.tiktok.com", "m.facebook.com", "www.instagram.com", "web.whatsapp.com"]
+    rng = random.Random(1)
+    mix = [rng.choice(blocked) if i % 5 == 0 else rng.choice(allowed) for i in range(10_000)]
+    lines = []
+    try:
+        for label, tree, flag in (("main", main_tree, None), ("this tree, 0x20 off", ROOT, "false"),
+                                  ("this tree, 0x20 on", ROOT, "true")):
+            extra = f"  upstream_0x20: {flag}\n" if flag else ""
+            directory = work / label.replace(" ", "_").replace(",", "")
+            directory.mkdir()
+            process, port = start_tree(tree, config(directory, [knot.endpoint], 2.0, extra))
+            try:
+                dnsperf(port, allowed, 5000, 2, pin="1")  # warm the cache
+                before = cpu_seconds(process.pid)
+                mixed = dnsperf(port, mix, 10_000, 10, pin="1", outstanding=500)
+                mix_cpu = (cpu_seconds(process.pid) - before) / max(1.0, mixed["completed"]) * 1e6
+                misses = [f"m{i}-{rng.randrange(10**9)}.example.test" for i in range(30_000)]
+                before = cpu_seconds(process.pid)
+                missed = dnsperf(port, misses, 2_000, 10, pin="1", outstanding=500)
+                miss_cpu = (cpu_seconds(process.pid) - before) / max(1.0, missed["completed"]) * 1e6
+            finally:
+                process.terminate()
+                process.wait(10)
+            lines.append(f"cost ({label}): 80/20 mix at 10,000 q/s {mix_cpu:.1f} us CPU per query; misses at "
+                         f"2,000 q/s {miss_cpu:.1f} us CPU per miss ({missed['lost']:.0f} lost)")
+    finally:
+        knot.stop()
+    return lines
+
+
+def fleet_config(directory: Path, upstream: str) -> Path:
+    """A config with 30,000 devices and 5,000 exemptions (synthetic ids and addresses)."""
+    lines = [f'dns:\n  listen: ["127.0.0.1:0"]\n  upstreams: ["{upstream}"]\n  upstream_timeout: 2\n'
+             f'metrics:\n  listen: "127.0.0.1:0"\nblocklists: "{ROOT / "blocklists"}"\n'
+             "policy:\n  default_group: standard\n  devices:\n"]
+    for i in range(30_000):
+        group = "comms-team" if i % 10 == 0 else "standard"
+        lines.append(f'    - {{id: MPS-{i:06d}, addresses: ["10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"], '
+                     f"group: {group}}}\n")
+    lines.append("  exemptions:\n")
+    for i in range(5_000):
+        lines.append(f'    - {{device: MPS-{i * 6:06d}, allow: [tiktok], expires: "2099-06-01T00:00:00Z", '
+                     f'approved_by: "Insp. Example", reference: "CASE-{i}", reason: "soak"}}\n')
+    path = directory / "blocker.yaml"
+    path.write_text("".join(lines))
+    return path
+
+
+def row_reload(work: Path) -> str:
+    import signal
+
+    knot = Knot(work / "knot", ["example.test"]).start()
+    server = Blocker(fleet_config(work, knot.endpoint)).start()
+    try:
+        names = ["www.tiktok.com", "www.example.test", "m.facebook.com", "nothing.example.test"] * 500
+        box: dict[str, object] = {}
+
+        def load() -> None:
+            tool = shutil.which("dnsperf") or "dnsperf"
+            data = work / "names.txt"
+            data.write_text("".join(f"{name} A\n" for name in names))
+            box["out"] = subprocess.run([tool, "-s", "127.0.0.1", "-p", str(server.port), "-d", str(data), "-l", "25",
+                                         "-Q", "2000", "-c", "4", "-q", "2000", "-t", "2", "-v"],
+                                        capture_output=True, text=True, timeout=60).stdout
+
+        runner = threading.Thread(target=load)
+        runner.start()
+        time.sleep(2)
+        mark = len(server.lines)
+        for _ in range(10):
+            server.signal(signal.SIGHUP)
+            time.sleep(1)
+        runner.join(60)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and sum("reloaded" in line for line in server.lines[mark:]) < 1:
+            time.sleep(0.2)
+        reloads = [float(m) for line in server.lines[mark:] for m in re.findall(r"reloaded .* in (\d+) ms", line)]
+    finally:
+        server.stop()
+        knot.stop()
+    out = str(box.get("out", ""))
+    latencies = sorted(float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M))
+    p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan")
+    sent = re.search(r"Queries sent:\s+(\d+)", out)
+    lost = re.search(r"Queries lost:\s+(\d+)", out)
+    return (f"reload: 10 SIGHUPs under 2,000 q/s with 30,000 devices and 5,000 exemptions: "
+            f"{lost.group(1) if lost else '?'} of {sent.group(1) if sent else '?'} queries lost, p99 {p99:.1f} ms; "
+            f"{len(reloads)} reloads ran (coalesced), taking {', '.join(f'{r:.0f}' for r in reloads)} ms")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="forgery,dead,fairness,stale")
+    parser.add_argument("--main", type=Path, default=Path("/work/main"), help="the tree to compare costs with")
     args = parser.parse_args()
     rows = args.rows.split(",")
     with tempfile.TemporaryDirectory(prefix="i10b-soak-") as tmp:
@@ -209,6 +340,13 @@ def main() -> int:
                 lines.append(row_fairness(directory))
             elif row == "stale":
                 lines.append(row_stale(directory))
+            elif row == "reload":
+                lines.append(row_reload(directory))
+            elif row == "cost":
+                for line in row_cost(directory, args.main):
+                    lines.append(line)
+                    print(line, flush=True)
+                continue
             print(lines[-1], flush=True)
     print("\n| row | measured |\n| --- | --- |")
     for line in lines:

@@ -25,12 +25,17 @@ class CaseMismatch(Exception):
 
 
 def randomise_case(question: bytes) -> bytes:
-    """The question with each letter of its name in a random case (label lengths are < 64, so never
-    letters; QTYPE and QCLASS, the last 4 bytes, are left alone)."""
+    """The question with each letter of its name in a random case. Label lengths are < 64, so never
+    letters; QTYPE and QCLASS, the last 4 bytes, are left alone. Whole-integer XOR: no Python loop."""
     name = question[:-4]
-    noise = secrets.token_bytes(len(name))
-    return bytes(c ^ (r & 0x20) if 97 <= (c | 0x20) <= 122 else c for c, r in zip(name, noise, strict=True)) \
-        + question[-4:]
+    size = len(name)
+    letters = int.from_bytes(name.translate(_LETTER_BITS), "big")
+    noise = int.from_bytes(secrets.token_bytes(size), "big") & letters
+    return (int.from_bytes(name, "big") ^ noise).to_bytes(size, "big") + question[-4:]
+
+
+# byte -> 0x20 for ASCII letters (the case bit), 0 for everything else
+_LETTER_BITS = bytes(0x20 if 65 <= b <= 90 or 97 <= b <= 122 else 0 for b in range(256))
 
 
 def _verdict(data: bytes, query_id: bytes, question: bytes) -> type[Exception] | bool | None:

@@ -11,7 +11,9 @@ million-rule index.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from blocker.policy import Policy, load_policy
 log = logging.getLogger("blocker")
 
 POLL_SECONDS = 1.0
+LOAD_SWITCH_INTERVAL = 0.0002  # seconds (default 0.005)
 Signature = tuple[object, ...]
 
 
@@ -71,12 +74,26 @@ class PolicySource:
         signature = file_signature(self.policy, self.config_path)
         reuse = self.policy.lists if lists_signature(self.policy.lists) == self._lists_signature else None
         loop = asyncio.get_running_loop()
+        # The load holds the GIL in slices of the switch interval; the listeners wait for the GIL
+        # after every socket call, so while loading, slices are kept short enough for them to keep up.
+        # A full collection walks every object of both policies while holding the GIL (seconds at
+        # fleet size): none runs during the load, and the loaded policy is frozen before collection
+        # resumes (gc.freeze), so it is never walked. Both policies are acyclic: refcounting frees the old.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
+        collecting = gc.isenabled()
+        gc.collect(1)  # the young generations (cheap), so little cyclic garbage is frozen with the policy
+        gc.disable()
         try:
             policy = await loop.run_in_executor(None, _load, self.config_path, reuse)
         except Exception as err:  # ConfigError, or a bug: either way the running policy stays
             self._signature = signature
             self._on_rejected(err, why)
             return False
+        finally:
+            sys.setswitchinterval(interval)
+            if collecting:
+                gc.enable()
         self.policy = policy
         self._signature = file_signature(policy, self.config_path)
         self._lists_signature = lists_signature(policy.lists)
@@ -95,7 +112,9 @@ class PolicySource:
 
 
 def _load(config_path: Path | None, lists: Blocklists | None) -> Policy:
-    return load_policy(config_path, lists)
+    policy = load_policy(config_path, lists)
+    gc.freeze()
+    return policy
 
 
 def _stats(paths: list[Path]) -> tuple[object, ...]:
