@@ -107,3 +107,21 @@ def test_opt_is_removed_for_clients_without_edns() -> None:
     scan = scan_response(r.to_wire())
     plain = dns.message.from_wire(scan.without_opt)
     assert plain.edns == -1 and plain.answer[0].ttl == 60
+
+
+def test_expired_answers_are_kept_for_the_stale_window_but_never_a_servfail() -> None:
+    clock = ManualClock()
+    cache = AnswerCache(10)
+    cache.stale_window = 100
+    put(cache, b"k", response(ttl=30), clock)
+    put(cache, b"bad", response(rcode=dns.rcode.SERVFAIL), clock)
+    assert cache.get_stale(b"k", clock.monotonic()) is None  # not expired yet: no stale answer
+    clock.advance(60)
+    assert cache.get(b"k", clock.monotonic()) is None
+    entry = cache.get_stale(b"k", clock.monotonic())
+    assert entry is not None
+    stale = dns.message.from_wire(entry.render_stale(30))
+    assert stale.answer[0].ttl == 30 and stale.opt is None
+    assert cache.get_stale(b"bad", clock.monotonic()) is None
+    clock.advance(80)  # 110 s past expiry: beyond the window
+    assert cache.get(b"k", clock.monotonic()) is None and cache.get_stale(b"k", clock.monotonic()) is None

@@ -1,7 +1,8 @@
-"""Pure logic of upstream health and of the per-client limits, on a fake clock."""
+"""Pure logic: upstream health, the per-client limits (on a fake clock), 0x20 and the reply check."""
 
 from __future__ import annotations
 
+from blocker.exchange import BadAnswer, CaseMismatch, _verdict, randomise_case
 from blocker.health import DOWN_AFTER, Health, order
 from blocker.ratelimit import Outstanding, RateLimiter
 
@@ -62,3 +63,35 @@ def test_outstanding_cap_per_client() -> None:
     assert outstanding.acquire("b")
     outstanding.release("a")
     assert outstanding["a"] == 1 and outstanding.acquire("a")
+
+
+def test_one_timeout_with_nothing_answered_since_is_down() -> None:
+    hole = Health(0, 2.0)
+    hole.sent(10.0)
+    assert hole.failed(12.0) and hole.is_down()
+    busy = Health(1, 2.0)
+    busy.sent(10.0)
+    busy.replied(0.001)  # other queries are answered: one lost packet is not a dead upstream
+    busy.sent(10.5)
+    assert not busy.failed(12.0) and not busy.is_down()
+
+
+def test_randomised_case_keeps_the_name_and_varies_only_letters() -> None:
+    question = b"\x03w-1\x07example\x04test\x00\x00\x01\x00\x01"
+    seen = {randomise_case(question) for _ in range(50)}
+    assert len(seen) > 40
+    for variant in seen:
+        assert variant.lower() == question and variant[0] == 3 and variant[2:5] == b"-1\x07"
+        assert variant[-4:] == question[-4:]
+
+
+def test_a_reply_counts_only_with_our_id_qr_and_exact_question() -> None:
+    question = b"\x03WwW\x07eXample\x04test\x00\x00\x01\x00\x01"
+    ours = b"\x12\x34\x81\x80\x00\x01\x00\x00\x00\x00\x00\x00" + question
+    assert _verdict(ours, b"\x12\x34", question) is True
+    assert _verdict(b"\x12\x35" + ours[2:], b"\x12\x34", question) is None  # another ID
+    assert _verdict(ours[:12] + question.lower(), b"\x12\x34", question) is CaseMismatch
+    assert _verdict(b"\x12\x34\x01\x00" + ours[4:], b"\x12\x34", question) is BadAnswer  # QR=0: our query echoed
+    other = b"\x03www\x05other\x04test\x00\x00\x01\x00\x01"
+    assert _verdict(ours[:12] + other, b"\x12\x34", question) is None
+    assert _verdict(ours[:11], b"\x12\x34", question) is None
