@@ -77,6 +77,7 @@ def spray(upstream: tuple[str, int], target_host: str, name: str, address: str, 
     started = time.monotonic()
     deadline = started + seconds
     sent = 0
+    seen = len(learned)
     try:
         while sent < count:
             if sent % 256 == 0:
@@ -84,6 +85,7 @@ def spray(upstream: tuple[str, int], target_host: str, name: str, address: str, 
                     break
                 if ports == "live":
                     learned = connected_ports(upstream)
+                    seen = max(seen, len(learned))
             query_id = (first_id + sent) & 0xFFFF
             if learned:
                 port = learned[sent % len(learned)] if ports == "live" else learned[(sent >> 16) % len(learned)]
@@ -96,7 +98,7 @@ def spray(upstream: tuple[str, int], target_host: str, name: str, address: str, 
     finally:
         sock.close()
     elapsed = time.monotonic() - started
-    return {"sent": sent, "seconds": elapsed, "ports_known": len(learned)}
+    return {"sent": sent, "seconds": elapsed, "ports_known": seen}
 
 
 def main(argv: list[str] | None = None) -> int:

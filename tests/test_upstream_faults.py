@@ -117,18 +117,18 @@ def test_an_upstream_that_does_not_keep_case_still_answers(tmp_path: Path, upstr
 
 def test_forged_answers_at_every_port_in_use_poison_nothing(tmp_path: Path, upstreams: list[FaultyUpstream]) -> None:
     """The strongest spoofer: it sees each port blocker asks from and sweeps all 65,536 IDs."""
-    upstream = faulty(upstreams, "slow", delay=1.0)
-    server = Blocker(with_timeout(standard_config(tmp_path, [upstream.endpoint]), 3)).start()
+    upstream = faulty(upstreams, "slow", delay=2.0)  # the port stays open 2 s: time to find and spray it
+    server = Blocker(with_timeout(standard_config(tmp_path, [upstream.endpoint]), 4)).start()
     try:
         name = f"victim-{random.randrange(10**6)}.example.test"
         first: list[dns.message.Message] = []
-        asker = threading.Thread(target=lambda: first.append(server.query(name, timeout=5)))
+        asker = threading.Thread(target=lambda: first.append(server.query(name, timeout=8)))
         asker.start()
         end = time.monotonic() + 3
         while upstream.count() == 0 and time.monotonic() < end:
             time.sleep(0.005)
         sent = spray(("127.0.0.1", upstream.port), "127.0.0.1", name, FORGED, 65536, 3.0, "live")
-        asker.join(6)
+        asker.join(9)
         assert sent["ports_known"] >= 1
         assert addresses(first[0]) == ["192.0.2.1"]
         assert addresses(server.query(name)) == ["192.0.2.1"]
