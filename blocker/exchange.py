@@ -13,11 +13,16 @@ import asyncio
 import secrets
 import socket
 import struct
+from collections import deque
 
 Endpoint = tuple[str, int]
 
 class BadAnswer(Exception):
     """A reply with our ID and question that is no answer: our own query echoed back (QR=0)."""
+
+
+class GaveWay(Exception):
+    """The wait was ended early to make room for a newer query (the upstreams are saturated)."""
 
 
 class CaseMismatch(Exception):
@@ -51,9 +56,10 @@ def _verdict(data: bytes, query_id: bytes, question: bytes) -> type[Exception] |
 
 
 async def ask_udp(endpoint: Endpoint, message: bytes, question: bytes, timeout: float,
-                  unwanted: list[int]) -> bytes:
+                  unwanted: list[int], waits: deque[tuple[float, asyncio.Future[bytes]]] | None = None) -> bytes:
     """Send `message` from a new socket and wait for its answer; raises TimeoutError, OSError
-    (e.g. port unreachable), BadAnswer or CaseMismatch."""
+    (e.g. port unreachable), BadAnswer, CaseMismatch, or GaveWay when ended early through `waits`
+    (the queue of waits, oldest first, that `give_way` may end)."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -88,6 +94,10 @@ async def ask_udp(endpoint: Endpoint, message: bytes, question: bytes, timeout: 
         fd = sock.fileno()
         loop.add_reader(fd, readable)
         timer = loop.call_later(timeout, expire)
+        if waits is not None:
+            while waits and waits[0][1].done():
+                waits.popleft()
+            waits.append((loop.time(), future))
         try:
             return await future
         finally:
@@ -118,6 +128,22 @@ async def ask_tcp(endpoint: Endpoint, message: bytes, question: bytes, timeout: 
                     raise verdict()  # type: ignore[operator]
         finally:
             writer.close()
+
+
+def give_way(waits: deque[tuple[float, asyncio.Future[bytes]]], older_than: float) -> bool:
+    """End the oldest wait if it has lasted `older_than` seconds; whether one was ended."""
+    now = asyncio.get_running_loop().time()
+    while waits:
+        started, future = waits[0]
+        if future.done():
+            waits.popleft()
+            continue
+        if now - started < older_than:
+            return False
+        waits.popleft()
+        future.set_exception(GaveWay())
+        return True
+    return False
 
 
 def new_id() -> int:

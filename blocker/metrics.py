@@ -31,7 +31,8 @@ _FIRST_BUCKET = TIME_BUCKETS[0]
 RELOAD_RESULTS = ("success", "failure")
 TRANSPORTS = ("udp", "tcp")
 ACTIONS = tuple(Action)
-UPSTREAM_RESULTS = ("ok", "servfail", "refused", "timeout", "error", "truncated", "malformed", "case_mismatch")
+UPSTREAM_RESULTS = ("ok", "servfail", "refused", "timeout", "error", "truncated", "malformed", "case_mismatch",
+                    "gave_way")
 RATE_LIMIT_ACTIONS = ("refused", "drop")
 
 

@@ -14,10 +14,11 @@ import asyncio
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from blocker.config import DnsConfig
-from blocker.exchange import BadAnswer, CaseMismatch, ask_tcp, ask_udp, new_id, randomise_case
+from blocker.exchange import BadAnswer, CaseMismatch, GaveWay, ask_tcp, ask_udp, give_way, new_id, randomise_case
 from blocker.health import Health, order
 from blocker.message import RCODE_REFUSED, RCODE_SERVFAIL, Query, WireError, scan_response, upstream_query
 from blocker.metrics import Stats
@@ -29,7 +30,8 @@ Endpoint = tuple[str, int]
 CASE_RETRY_SECONDS = 3600.0  # how long an upstream that lost our 0x20 case is asked plainly
 _ROOT_NS = b"\x00\x00\x02\x00\x01"  # the question ". NS IN": what a probe asks
 
-MAX_FORWARDS = 4096  # queries waiting on upstreams at once; beyond this, SERVFAIL at once
+MAX_FORWARDS = 4096  # queries waiting on upstreams at once; beyond this, the oldest gives way or SERVFAIL
+GIVE_WAY_AFTER = 0.2  # seconds a query must have waited before a new one may end its wait (Unbound's jostle)
 
 
 class Upstreams:
@@ -47,12 +49,14 @@ class Upstreams:
         self.health = [Health(index, timeout) for index in range(len(self.endpoints))]
         self._probes: dict[int, asyncio.Task[None]] = {}
         self._closed = False
+        self._waits: deque[tuple[float, asyncio.Future[bytes]]] = deque()
         self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
 
     @property
     def busy(self) -> bool:
-        """Whether the cap on waiting queries is reached (the caller answers SERVFAIL at once)."""
-        return self.forwarding >= self.max_forwards
+        """Whether the cap on waiting queries is reached and no wait old enough could give way
+        (the caller answers SERVFAIL at once). A query that gives way gets SERVFAIL (or stale)."""
+        return self.forwarding >= self.max_forwards and not give_way(self._waits, GIVE_WAY_AFTER)
 
     async def forward(self, query: Query) -> bytes | None:
         """`resolve`, with identical questions in flight at the same time sharing one upstream query."""
@@ -83,7 +87,10 @@ class Upstreams:
         last: bytes | None = None
         now = time.monotonic()
         for health in order(self.health, now):
-            wire = await self._ask(health, query)
+            try:
+                wire = await self._ask(health, query)
+            except GaveWay:
+                return last
             if wire is None:
                 continue
             rcode = wire[3] & 0xF
@@ -105,19 +112,24 @@ class Upstreams:
         health.sent(time.monotonic())
         try:
             try:
-                wire = await ask_udp(endpoint, message, question, health.timeout, stats.upstream_unwanted)
+                wire = await ask_udp(endpoint, message, question, health.timeout, stats.upstream_unwanted,
+                                     self._waits)
             except CaseMismatch:
                 # This upstream does not keep the case we send: ask it again plainly, and for an hour.
                 stats.upstream(name, "case_mismatch", time.perf_counter() - started)
                 health.preserves_case_after = time.monotonic() + CASE_RETRY_SECONDS
                 question = query.question
                 message = upstream_query(query, new_id(), question)
-                wire = await ask_udp(endpoint, message, question, health.timeout, stats.upstream_unwanted)
+                wire = await ask_udp(endpoint, message, question, health.timeout, stats.upstream_unwanted,
+                                     self._waits)
             if wire[2] & 0x02:  # TC: the full answer only fits over TCP
                 stats.upstream(name, "truncated", time.perf_counter() - started)
                 message = upstream_query(query, new_id(), question)
                 wire = await ask_tcp(endpoint, message, question, health.timeout, stats.upstream_unwanted)
             scan_response(wire)
+        except GaveWay:
+            stats.upstream(name, "gave_way", time.perf_counter() - started)
+            raise
         except TimeoutError:
             stats.upstream(name, "timeout", time.perf_counter() - started)
             self._failed(health)

@@ -4,6 +4,7 @@ healthy upstreams, serves stale answers, and keeps one client from starving the 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import threading
@@ -17,6 +18,10 @@ import pytest
 from conftest import standard_config
 from helpers import Blocker, FaultyUpstream, Knot, edes, metric_value, rcode_text
 from spoofer import spray
+
+from blocker.message import read_question
+from blocker.metrics import Stats
+from blocker.upstream import Upstreams
 
 FORGED = "203.0.113.66"
 
@@ -229,3 +234,30 @@ def test_one_client_cannot_hold_every_upstream_slot(tmp_path: Path, upstreams: l
     finally:
         server.stop()
 
+
+
+def test_when_the_upstream_slots_are_full_the_oldest_wait_gives_way(upstreams: list[FaultyUpstream]) -> None:
+    """In-process Upstreams against the real black hole: a third query with two slots ends the
+    oldest wait (older than 0.2 s) instead of being refused."""
+    hole = faulty(upstreams, "blackhole")
+
+    async def run() -> tuple[bool, bool, bytes | None, float]:
+        stats = Stats()
+        pool = Upstreams([("127.0.0.1", hole.port)], 2.0, stats, max_forwards=2)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(pool.forward(read_question(dns.message.make_query("a.test", "A").to_wire())))
+        second = asyncio.ensure_future(pool.forward(read_question(dns.message.make_query("b.test", "A").to_wire())))
+        await asyncio.sleep(0.05)
+        busy_young = pool.busy  # both waits are younger than 0.2 s: nothing gives way
+        await asyncio.sleep(0.25)
+        busy_old = pool.busy  # now the oldest gives way
+        wire = await asyncio.wait_for(first, 1.0)
+        waited = loop.time() - started
+        second.cancel()
+        pool.close()
+        return busy_young, busy_old, wire, waited
+
+    busy_young, busy_old, wire, waited = asyncio.run(run())
+    assert busy_young and not busy_old
+    assert wire is None and waited < 1.0  # answered (SERVFAIL) long before the 2 s timeout
