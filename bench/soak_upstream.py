@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import dns.message  # noqa: E402
 import dns.query  # noqa: E402
 import dns.rcode  # noqa: E402
-from helpers import Blocker, FaultyUpstream, Knot  # noqa: E402
+from helpers import Blocker, FaultyUpstream, Knot, metric_value  # noqa: E402
 from spoofer import spray  # noqa: E402
 
 FORGED = "203.0.113.66"
@@ -166,6 +166,12 @@ def row_fairness(work: Path, extra: str = "") -> str:
         victim_names = [f"v{random.randrange(10**12)}.example.test" for _ in range(200 * 8)]
         victim = dnsperf(server.port, victim_names, 200, 8, source="127.0.0.1")
         attacker.join(60)
+        text = server.metrics()
+        counts = {key: metric_value(text, name, labels) for key, name, labels in (
+            ("timeouts", "blocker_upstream_queries_total", {"result": "timeout"}),
+            ("gave way", "blocker_upstream_queries_total", {"result": "gave_way"}),
+            ("client cap", "blocker_dns_client_limited_total", None),
+            ("rate limited", "blocker_dns_rate_limited_total", {"action": "refused"}))}
     finally:
         server.stop()
         upstream.stop()
@@ -174,7 +180,8 @@ def row_fairness(work: Path, extra: str = "") -> str:
     a = box.get("a", {})
     return (f"fairness{' (' + extra.strip() + ')' if extra else ''}: attacker {a.get('sent', 0):.0f} sent at "
             f"8,000 q/s; other client's misses: {victim['sent']:.0f} sent, {servfail:.2f} % SERVFAIL, {lost:.2f} % "
-            f"lost, mean latency {victim['latency'] * 1000:.1f} ms")
+            f"lost, mean latency {victim['latency'] * 1000:.1f} ms; blocker counted "
+            + ", ".join(f"{key} {value:.0f}" for key, value in counts.items()))
 
 
 def row_stale(work: Path) -> str:
@@ -338,6 +345,13 @@ def main() -> int:
                 lines.append(row_dead(directory))
             elif row == "fairness":
                 lines.append(row_fairness(directory))
+                print(lines[-1], flush=True)
+                for name, extra in (("nocap", "  max_outstanding_per_client: 0\n"),
+                                    ("ratelimit", "  rate_limit: {qps: 200, burst: 400, action: refused}\n")):
+                    (directory / name).mkdir()
+                    lines.append(row_fairness(directory / name, extra))
+                    print(lines[-1], flush=True)
+                continue
             elif row == "stale":
                 lines.append(row_stale(directory))
             elif row == "reload":

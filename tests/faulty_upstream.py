@@ -45,6 +45,9 @@ class Behaviour:
     def __init__(self, mode: str, address: str, ttl: int, delay: float, blackhole_zone: str = "") -> None:
         self.mode = mode
         self.blackhole_zone = blackhole_zone.strip(".").lower()
+        # The zone as wire labels: a query for it is dropped before any parsing (cheap under load).
+        self.zone_wire = b"".join(bytes((len(label),)) + label.encode() for label in self.blackhole_zone.split(".")) \
+            + b"\x00" if self.blackhole_zone else b""
         self.address = address
         self.ttl = ttl
         self.delay = delay
@@ -152,6 +155,10 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        zone = self.behaviour.zone_wire
+        if zone and zone in data[12:].lower():
+            self.behaviour.count += 1
+            return
         task = asyncio.ensure_future(self._reply(data, addr))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
