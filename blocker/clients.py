@@ -49,6 +49,10 @@ class NetworkTable(Generic[T]):
             for version in (4, 6)
         }
 
+    def prefix_lengths(self, version: int) -> list[int]:
+        """The distinct prefix lengths of one IP version, longest first: one dict probe each per lookup."""
+        return list(self._prefixes[version])
+
     def lookup(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> T | None:
         version = address.version
         bits = 32 if version == 4 else 128

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from blocker.blocklists import Blocklists, find_line, load_blocklists
 from blocker.clients import Client, NetworkTable
-from blocker.config import Config, Device, Exemption
+from blocker.config import Config, Device, Exemption, IPNetwork
 from blocker.domains import Match, is_valid_name, normalize
 from blocker.errors import ConfigError, Problem
 
@@ -99,31 +101,37 @@ def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
     for group in config.policy.groups.values():
         for category in group.block:
             if category not in known:
-                line = config.lines.get(f"group:{group.name}:{category}", group.line)
+                line = config.lines.get(f"group:{group.name}:{category}", group.line) or 1
                 problems.append(Problem(source, line, f"group '{group.name}' blocks unknown category '{category}'"))
     for exemption in config.policy.exemptions:
         for category in exemption.allow:
             if category not in known:
-                problems.append(Problem(source, exemption.line,
+                problems.append(Problem(exemption.file or source, exemption.line,
                                         f"exemption {exemption.reference} allows unknown category '{category}'"))
     if problems:
         raise ConfigError(problems)
     devices = {device.id: device for device in config.policy.devices}
-    warnings: list[Problem] = []
+    warnings: list[Problem] = [*config.warnings, *lists.warnings]
     exemptions: dict[str, list[Exemption]] = {}
+    references: dict[str, Exemption] = {}
     for exemption in config.policy.exemptions:
         if exemption.device not in devices:
-            warnings.append(Problem(source, exemption.line,
+            warnings.append(Problem(exemption.file or source, exemption.line,
                                     f"exemption {exemption.reference} names unknown device '{exemption.device}'"))
+        first = references.setdefault(exemption.reference, exemption)
+        if first is not exemption:
+            warnings.append(Problem(exemption.file or source, exemption.line,
+                                    f"exemption reference {exemption.reference} is used twice (first at "
+                                    f"{first.file}:{first.line}): the commands cannot tell them apart"))
         exemptions.setdefault(exemption.device, []).append(exemption)
     device_table = NetworkTable((network, device) for device in config.policy.devices
                                 for network in device.addresses)
-    for network in device_table.duplicates:
-        warnings.append(Problem(source, config.lines.get("policy", 1),
-                                f"device address {network} is given to two devices (the first listed keeps it)"))
-    for outer, inner in device_table.overlaps():
-        warnings.append(Problem(source, config.lines.get("policy", 1),
-                                f"device addresses overlap: {inner} lies inside {outer} (the narrower wins)"))
+    warnings.extend(_device_warnings(config, device_table))
+    blocked = {c for g in config.policy.groups.values() for c in g.block}
+    for name, category in sorted(lists.categories.items()):
+        if name not in blocked:
+            warnings.append(Problem(category.file, 1, f"category '{name}' is blocked by no group "
+                                                      f"(its rules decide nothing)"))
     return Policy(
         config=config,
         lists=lists,
@@ -139,17 +147,67 @@ def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
     )
 
 
+def _device_warnings(config: Config, table: NetworkTable[Device]) -> list[Problem]:
+    """Addresses given to two devices, or nested in another device's: at the device's line, naming both."""
+    source = config.source_name
+    owners: dict[IPNetwork, list[Device]] = {}
+    for device in config.policy.devices:
+        for network in device.addresses:
+            owners.setdefault(network, []).append(device)
+    out: list[Problem] = []
+    for network in table.duplicates:
+        holders = owners.get(network, [])
+        if len(holders) < 2 or holders[0].id == holders[1].id:
+            continue
+        first, second = holders[0], holders[1]
+        out.append(Problem(source, second.line, f"device '{second.id}': address {network} is also given to "
+                                                f"device '{first.id}' (line {first.line}), which keeps it"))
+    for outer, inner in table.overlaps():
+        wide = owners.get(outer, [None])[0]
+        narrow = owners.get(inner, [None])[0]
+        if wide is None or narrow is None or wide.id == narrow.id:
+            continue
+        out.append(Problem(source, narrow.line, f"device '{narrow.id}': address {inner} lies inside {outer} of "
+                                                f"device '{wide.id}' (line {wide.line}); the narrower wins"))
+    return out
+
+
 def policy_version(config: Config, files: tuple[Path, ...]) -> str:
-    """A short hash of the config and every list file's content."""
+    """A short hash of what decides: list files by their name relative to the lists folder, and the
+    decision settings (groups, devices, exemptions, networks, block response). Paths, comments of the
+    config and settings that decide nothing (listen addresses, logs) do not change it, so `check`,
+    `validate`, `serve` and the proxy agree on the same files wherever they are."""
     digest = hashlib.sha256()
-    sources = ([config.source] if config.source else []) + sorted(files)
-    for path in sources:
-        digest.update(str(path).encode())
+    policy = config.policy
+    dns = config.dns
+    settings = {
+        "default_group": policy.default_group,
+        "groups": {name: list(g.block) for name, g in sorted(policy.groups.items())},
+        "devices": sorted([d.id, [str(a) for a in d.addresses], d.group] for d in policy.devices),
+        "exemptions": sorted([e.device, e.reference, list(e.allow), e.approved_by, e.reason,
+                              e.expires.isoformat(), e.starts.isoformat() if e.starts else None]
+                             for e in policy.exemptions),
+        "allow_networks": [str(n) for n in dns.allow_networks],
+        "trusted_forwarders": [str(n) for n in dns.trusted_forwarders],
+        "block_response": [dns.block_response.kind, dns.block_response.ipv4, dns.block_response.ipv6],
+        "block_ttl": dns.block_ttl,
+    }
+    digest.update(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
+    folder = config.blocklists
+    for name, path in sorted((_relative(path, folder), path) for path in files):
+        digest.update(b"\0" + name.encode() + b"\0")
         try:
-            digest.update(path.read_bytes())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
         except OSError:
             digest.update(b"?")
     return digest.hexdigest()[:10]
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve(), folder.resolve())
+    except ValueError:
+        return path.name
 
 
 def decide(policy: Policy, client: Client, qname: str, now: datetime) -> Decision:
