@@ -57,7 +57,7 @@ class DnsConfig:
     trusted_forwarders: tuple[IPNetwork, ...] = ()
     upstream_timeout: float = 2.0
     upstream_0x20: bool = True  # randomise the case of names sent upstream (falls back per upstream)
-    serve_stale: float = 86_400.0  # seconds an expired answer may still be served when upstreams fail
+    serve_stale: float = 86_400  # seconds an expired answer may still be served when upstreams fail
     rate_limit: RateLimit = RateLimit()
     max_outstanding_per_client: int = 2048  # queries one client may have waiting on the upstreams
 

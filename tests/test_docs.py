@@ -122,6 +122,8 @@ def rendered(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, config_module.BlockResponse):
         return value.kind
+    if isinstance(value, config_module.RateLimit):
+        return "off" if value.qps <= 0 else f"{{qps: {value.qps:g}, burst: {value.burst:g}, action: {value.action}}}"
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int) and isinstance(value[0], str):
         host = f"[{value[0]}]" if ":" in value[0] else value[0]
         return f'"{host}:{value[1]}"'
