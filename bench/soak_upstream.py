@@ -286,7 +286,8 @@ def row_reload(work: Path) -> str:
     import signal
 
     knot = Knot(work / "knot", ["example.test"]).start()
-    server = Blocker(fleet_config(work, knot.endpoint)).start()
+    server = Blocker(fleet_config(work, knot.endpoint)).start(expect_ready=False)
+    server.wait_for_log(r" ready ", timeout=120)  # the first load logs 5,000 audit events
     try:
         names = ["www.tiktok.com", "www.example.test", "m.facebook.com", "nothing.example.test"] * 500
         box: dict[str, object] = {}
