@@ -256,7 +256,11 @@ def row_cost(work: Path, main_tree: Path) -> list[str]:
                 miss_cpu = (cpu_seconds(process.pid) - before) / max(1.0, missed["completed"]) * 1e6
             finally:
                 process.terminate()
-                process.wait(10)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
             lines.append(f"cost ({label}): 80/20 mix at 10,000 q/s {mix_cpu:.1f} us CPU per query; misses at "
                          f"2,000 q/s {miss_cpu:.1f} us CPU per miss ({missed['lost']:.0f} lost)")
     finally:
