@@ -26,7 +26,9 @@ class GaveWay(Exception):
 
 
 class CaseMismatch(Exception):
-    """The right reply, but the name's case is not the one we sent: the upstream does not keep 0x20 case."""
+    """No answer in time, but a reply with our ID and the name in another case came: the upstream
+    does not keep 0x20 case. (Over UDP such a reply alone proves nothing, a forger sends exactly
+    that to make us ask again without 0x20: it is ignored, and counts only if nothing better came.)"""
 
 
 def randomise_case(question: bytes) -> bytes:
@@ -68,8 +70,10 @@ async def ask_udp(endpoint: Endpoint, message: bytes, question: bytes, timeout: 
         sock.connect(endpoint)  # the kernel picks a random free ephemeral port
         future: asyncio.Future[bytes] = loop.create_future()
         query_id = message[0:2]
+        mismatched = False
 
         def readable() -> None:
+            nonlocal mismatched
             while not future.done():
                 try:
                     data = sock.recv(65535)
@@ -81,14 +85,15 @@ async def ask_udp(endpoint: Endpoint, message: bytes, question: bytes, timeout: 
                 verdict = _verdict(data, query_id, question)
                 if verdict is True:
                     future.set_result(data)
-                elif verdict is None:
+                elif verdict is None or verdict is CaseMismatch:
                     unwanted[0] += 1
+                    mismatched = mismatched or verdict is CaseMismatch
                 else:
                     future.set_exception(verdict())  # type: ignore[operator]
 
         def expire() -> None:
             if not future.done():
-                future.set_exception(TimeoutError())
+                future.set_exception(CaseMismatch() if mismatched else TimeoutError())
 
         sock.send(message)
         fd = sock.fileno()
