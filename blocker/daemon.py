@@ -78,6 +78,7 @@ class Daemon:
         self.querylog: QueryLog | None = None
         self._configure_querylog(policy)
         self.ops: OpsServer | None = None
+        self.console: Any = None  # the admin console (blocker.console.app.ConsoleServer) when enabled
         self.ready = False
         self.stopping = asyncio.Event()
 
@@ -113,6 +114,8 @@ class Daemon:
         await self.listeners.close(DRAIN_SECONDS)
         if self.ops is not None:
             self.ops.stop()
+        if self.console is not None:
+            self.console.stop()
         self.upstreams.close()
         if self.querylog is not None:
             self.querylog.close()
@@ -138,6 +141,11 @@ class Daemon:
                 return False
             self.ops.start()
             log.info("listening metrics=http://%s/metrics", format_endpoint(*self.ops.address))
+        if config.console.enabled:
+            from blocker.console import start_console
+
+            self.console = start_console(self, config.console)
+            return self.console is not None
         return True
 
     def _configure_querylog(self, policy: Policy) -> None:
