@@ -139,8 +139,16 @@ def row_dead(work: Path) -> str:
                 break
         settled = [lat for at, lat in latencies if at > 3.0]
         slow_after = sum(1 for lat in settled if lat > 0.1)
+        server.stop()
+        # The load on a fresh blocker: it meets the black hole first under 3,000 misses/s.
+        (work / "fresh").mkdir()
+        server = Blocker(config(work / "fresh", [hole.endpoint, knot.endpoint], 2.0)).start()
         names = [f"load-{i}-{random.randrange(10**9)}.example.test" for i in range(3000 * 10)]
         result = dnsperf(server.port, names, 3000, 10)
+        text = server.metrics()
+        capped = metric_value(text, "blocker_dns_client_limited_total")
+        hole_timeouts = metric_value(text, "blocker_upstream_queries_total", {"upstream": hole.endpoint,
+                                                                            "result": "timeout"})
     finally:
         server.stop()
         hole.stop()
@@ -150,7 +158,8 @@ def row_dead(work: Path) -> str:
     servfail = 100 * result["servfail"] / max(1, result["sent"])
     return (f"dead first upstream: first misses {first} ms; after 3 s median {median:.1f} ms, {slow_after} of "
             f"{len(settled)} over 100 ms; at 3,000 misses/s for 10 s: {result['completed']:.0f}/{result['sent']:.0f} "
-            f"answered, {servfail:.2f} % SERVFAIL, {result['lost']:.0f} lost")
+            f"answered, {servfail:.2f} % SERVFAIL, {result['lost']:.0f} lost; blocker counted {hole_timeouts:.0f} "
+            f"timeouts at the black hole, {capped:.0f} misses over the per-client cap")
 
 
 def row_fairness(work: Path, extra: str = "") -> str:

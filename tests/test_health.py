@@ -26,11 +26,15 @@ def test_unmeasured_upstreams_keep_configured_order_then_fastest_first() -> None
 def test_a_silent_upstream_becomes_suspect_and_goes_last() -> None:
     hole, healthy = Health(0, 2.0), Health(1, 2.0)
     hole.sent(10.0)
-    assert not hole.suspect(10.4)
-    assert hole.suspect(10.6)  # no RTT sample: silent 0.5 s is suspect
-    assert order([hole, healthy], 10.6) == [healthy, hole]
+    assert not hole.suspect(10.2)
+    assert hole.suspect(10.3)  # no RTT sample: silent 0.25 s is suspect
+    assert order([hole, healthy], 10.3) == [healthy, hole]
     hole.replied(0.001)
     assert not hole.suspect(10.7)
+    busy = Health(2, 2.0)
+    for _ in range(64):  # many queries, none answered: suspect sooner
+        busy.sent(20.0)
+    assert not busy.suspect(20.01) and busy.suspect(20.03)
 
 
 def test_down_after_failures_in_a_row_skipped_unless_nothing_else_and_back_on_a_reply() -> None:
