@@ -9,6 +9,7 @@ from __future__ import annotations
 from blocker.message import (
     EDE_BLOCKED,
     EDE_NO_REACHABLE_AUTHORITY,
+    EDE_NOT_SUPPORTED,
     EDE_OTHER,
     EDE_PROHIBITED,
     EDE_STALE_ANSWER,
@@ -54,6 +55,7 @@ class BlockAnswers:
         self._rate_limited_opt = opt_pair(ede_option(EDE_OTHER, "rate limited"))
         self._busy_opt = opt_pair(ede_option(EDE_OTHER, "too many queries of this client waiting upstream"))
         self.stale_opt = opt_pair(ede_option(EDE_STALE_ANSWER, "no upstream answered; expired answer"))
+        self._class_opt = opt_pair(ede_option(EDE_NOT_SUPPORTED, "only class IN is served"))
         for category in policy.lists.categories:
             self._opt_for(category)
 
@@ -80,6 +82,11 @@ class BlockAnswers:
     def refused(self, query: Query) -> bytes:
         """REFUSED with EDE 18 (Prohibited): the source is outside `allow_networks`."""
         return answer(query, RCODE_REFUSED, opt=self._refused_opt)
+
+    def other_class(self, query: Query) -> bytes:
+        """REFUSED with EDE 21 (Not Supported) for CHAOS and other non-IN classes, answered here:
+        forwarded, `version.bind` and `hostname.bind` would reveal the upstream's software and host."""
+        return answer(query, RCODE_REFUSED, opt=self._class_opt)
 
     def no_upstream(self, query: Query) -> bytes:
         """SERVFAIL with EDE 22 (No Reachable Authority): no upstream answered, or too many wait."""
