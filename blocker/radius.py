@@ -153,6 +153,12 @@ class AccountingServer(asyncio.DatagramProtocol):
     def handle(self, data: bytes, host: str) -> bytes | None:
         """Process one datagram from `host`; returns the Accounting-Response to send, or None."""
         now = self.clock()
+        source = parse_address(host)
+        if source is None or self.clients.lookup(*source) is None:
+            self.stats.count("unknown", "unknown_client")
+            self._note(host, "unknown_client", now, "not a listed RADIUS client (identity.radius_accounting.clients)")
+            return None
+        # Decoding and MD5 cost more than the check above: cap them per second for the event loop's sake.
         second = int(now)
         if second != self._second:
             self._second, self._budget = second, MAX_PACKETS_PER_SECOND
@@ -161,11 +167,6 @@ class AccountingServer(asyncio.DatagramProtocol):
             self._note(host, "rate_limited", now, f"more than {MAX_PACKETS_PER_SECOND} packets a second, dropping")
             return None
         self._budget -= 1
-        source = parse_address(host)
-        if source is None or self.clients.lookup(*source) is None:
-            self.stats.count("unknown", "unknown_client")
-            self._note(host, "unknown_client", now, "not a listed RADIUS client (identity.radius_accounting.clients)")
-            return None
         if not 20 <= len(data) <= MAX_PACKET or data[0] != AccountingRequest:
             self.stats.count("unknown" if len(data) < 20 else "other", "malformed")
             self._note(host, "malformed", now, "not an Accounting-Request")
