@@ -65,7 +65,7 @@ class Binding:
         return f"Binding({format_network(self.network)} -> {self.device} via {self.gateway}, since {self.since:.0f})"
 
 
-Listener = Callable[[str, Binding], None]  # ("bind" | "unbind", binding)
+Listener = Callable[[str, Binding, bool], None]  # ("bind" | "unbind", binding, learned here rather than mirrored)
 
 
 class BindingTable:
@@ -99,7 +99,7 @@ class BindingTable:
         return table.get(network[1]) if table is not None else None
 
     def bind(self, network: Network, device: str, gateway: str, since: float, expires: float,
-             notify: bool = True) -> str:
+             local: bool = True) -> str:
         """Bind (Start, Interim-Update, or a mirrored change); returns BOUND, REFRESHED, REPLACED, STALE or FULL.
 
         At the cap a binding for a new address is refused (FULL, counted, existing bindings kept) once
@@ -117,7 +117,7 @@ class BindingTable:
                 held.expires = max(expires, held.expires)
                 held.gateway = gateway
                 held.since = min(since, held.since)
-                self._changed("bind", held, notify)
+                self._changed("bind", held, local)
                 return REFRESHED
             if since < held.since:
                 return STALE
@@ -135,10 +135,10 @@ class BindingTable:
             self._size += 1
         binding = Binding(network, device, gateway, since, expires)
         table[start] = binding  # type: ignore[index]
-        self._changed("bind", binding, notify)
+        self._changed("bind", binding, local)
         return BOUND if held is None else REPLACED
 
-    def unbind(self, network: Network, device: str | None, since: float | None = None, notify: bool = True) -> bool:
+    def unbind(self, network: Network, device: str | None, since: float | None = None, local: bool = True) -> bool:
         """Stop: remove the binding if it is this device's (a Stop of an older session is ignored)."""
         held = self.get(network)
         if held is None or (device is not None and held.device != device):
@@ -147,7 +147,7 @@ class BindingTable:
             return False  # the Stop of a session that ended before the current one began
         del self._tables[(network[0], network[2])][network[1]]
         self._size -= 1
-        self._changed("unbind", held, notify)
+        self._changed("unbind", held, local)
         return True
 
     def unbind_gateway(self, gateway: str) -> int:
@@ -182,13 +182,17 @@ class BindingTable:
     def replace_all(self, bindings: list[Binding]) -> None:
         """Load a full table (snapshot at start, the store's full load); newer-session rules still apply."""
         for binding in bindings:
-            self.bind(binding.network, binding.device, binding.gateway, binding.since, binding.expires, notify=False)
+            self.bind(binding.network, binding.device, binding.gateway, binding.since, binding.expires, local=False)
 
-    def _changed(self, op: str, binding: Binding, notify: bool) -> None:
+    def remove(self, network: Network, local: bool = False) -> bool:
+        """Drop whatever binding holds this network (the store says it is gone)."""
+        held = self.get(network)
+        return held is not None and self.unbind(network, None, local=local)
+
+    def _changed(self, op: str, binding: Binding, local: bool) -> None:
         self.version += 1
-        if notify:
-            for listener in self.listeners:
-                listener(op, binding)
+        for listener in self.listeners:
+            listener(op, binding, local)
 
 
 def write_snapshot(rows: list[list[object]], path: Path, written: float) -> None:

@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = BindingTable(radius.max_bindings)
 
-    def show(op: str, binding: Binding) -> None:
-        print(json.dumps({"op": op, "binding": binding.as_row()}), flush=True)
+    def show(op: str, binding: Binding, local: bool) -> None:
+        print(json.dumps({"op": op, "binding": binding.as_row(), "local": local}), flush=True)
 
     table.listeners.append(show)
 
@@ -312,14 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         transport, _ = await start_listener(radius, secret, table)
         log.info("RADIUS accounting on %s:%d", *transport.get_extra_info("sockname")[:2])
         writer = asyncio.ensure_future(snapshot.run()) if snapshot is not None else None
+        store = None
+        if config.identity.store is not None:
+            from blocker.store import BindingStore
+
+            store = asyncio.ensure_future(BindingStore(table, config.identity.store).run())
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)
         try:
             await stop.wait()
         finally:
-            if writer is not None:
-                writer.cancel()
+            for task in (writer, store):
+                if task is not None:
+                    task.cancel()
             transport.close()
             if snapshot is not None:
                 snapshot.flush()
