@@ -128,7 +128,7 @@ class BindingStore:
         await self._full_load(client)
         self.up = True
         log.info("binding store %s: in sync, %d bindings", self.config.url, len(self.table))
-        reader = asyncio.ensure_future(self._read_feed(pubsub))
+        reader = asyncio.ensure_future(self._read_feed(pubsub, client))
         try:
             while True:
                 waiter = asyncio.ensure_future(self._wake.wait())
@@ -202,7 +202,8 @@ class BindingStore:
                 seen.add(binding.network)
                 self._apply_remote("bind", binding)
 
-    async def _read_feed(self, pubsub: aioredis.client.PubSub) -> None:
+    async def _read_feed(self, pubsub: aioredis.client.PubSub, client: aioredis.Redis) -> None:
+        """Messages are hints: the store's key is read back and is the truth (messages can arrive stale)."""
         while True:
             message = await pubsub.get_message(timeout=1.0)
             if message is None or message.get("type") != "message":
@@ -213,9 +214,14 @@ class BindingStore:
                 continue
             if not isinstance(data, dict) or data.get("from") == self.replica:
                 continue
-            binding = Binding.from_row(data.get("binding"))
-            if binding is not None and data.get("op") in ("bind", "unbind"):
-                self._apply_remote(data["op"], binding)
+            hinted = Binding.from_row(data.get("binding"))
+            if hinted is None:
+                continue
+            current = _decode_row(await client.get(self.key(hinted.network)))
+            if current is not None:
+                self._apply_remote("bind", current)
+            else:
+                self._apply_remote("unbind", hinted)
 
     def _apply_remote(self, op: str, binding: Binding) -> None:
         if op == "bind":
