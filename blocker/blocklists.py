@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from blocker.domains import NameError_, RuleIndex, RuleSource, is_valid_name, normalize_rule
+from blocker.domains import InvalidName, RuleIndex, RuleSource, is_valid_name, normalize_rule
 from blocker.errors import ConfigError
 from blocker.yamlfile import Collector, Reader, compose
 
@@ -36,7 +36,8 @@ class Blocklists:
 
     categories: dict[str, Category]
     index: RuleIndex
-    files: tuple[Path, ...]
+    files: tuple[Path, ...]  # every category file and included file read
+    folder: Path
 
 
 def load_blocklists(folder: Path) -> Blocklists:
@@ -57,7 +58,7 @@ def load_blocklists(folder: Path) -> Blocklists:
         problems.add(str(folder), None, "no category files (<name>.yaml) in the blocklists folder")
     if problems.problems:
         raise ConfigError(problems.problems)
-    return Blocklists(categories, index, tuple(files))
+    return Blocklists(categories, index, tuple(files), folder)
 
 
 def _load_category(path: Path, index: RuleIndex, problems: Collector, files: list[Path]) -> Category | None:
@@ -89,7 +90,7 @@ def _load_category(path: Path, index: RuleIndex, problems: Collector, files: lis
         for text, node in read.strings(fields.get(key), key):
             try:
                 rule = normalize_rule(text)
-            except NameError_ as err:
+            except InvalidName as err:
                 read.error(node, f"{key}: {err}")
                 continue
             index.add(rule, RuleSource(name, file, node.start_mark.line + 1, rule, allow))
@@ -125,7 +126,7 @@ def _load_include(path: Path, category: str, index: RuleIndex, problems: Collect
                 for rule_text, allow in _parse_other_line(line, file, number, problems):
                     try:
                         rule = normalize_rule(rule_text)
-                    except NameError_ as err:
+                    except InvalidName as err:
                         problems.add(file, None, str(err), line=number)
                         continue
                     add(rule, RuleSource(category, file, number, rule, allow))

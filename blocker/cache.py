@@ -8,9 +8,7 @@ byte splice (re-rendering TTLs at most once a second) instead of a parse.
 from __future__ import annotations
 
 import struct
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 
 from blocker.message import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_SERVFAIL, Scan
 
@@ -75,11 +73,10 @@ def lifetime_of(scan: Scan) -> float:
 
 
 class AnswerCache:
-    """A bounded LRU of upstream answers; `clock` is injectable for tests."""
+    """A bounded LRU of upstream answers; every call takes `now` (monotonic seconds) from the caller's clock."""
 
-    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
-        self.clock = clock
         self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
         self.hits = 0
         self.misses = 0

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from blocker import __version__
-from blocker.clients import Client
+from blocker.clients import Client, identify
 from blocker.errors import ConfigError
-from blocker.policy import Action, Decision, Policy, check_name, decide, identify, load_policy
+from blocker.policy import Action, Decision, Policy, check_name, explain, load_policy
 
 EXPIRY_WARNING = timedelta(days=14)
 
@@ -76,7 +76,7 @@ def run_check(args: argparse.Namespace) -> int:
             return 2
     else:
         client = Client("-", None, policy.config.policy.default_group, True)
-    decision = decide(policy, client, qname, datetime.now(UTC))
+    decision = explain(policy, client, qname, datetime.now(UTC))
     report = _report(policy, client, qname, decision)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -9,9 +9,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from blocker.config import IPNetwork
+
+if TYPE_CHECKING:
+    from blocker.policy import Policy
 
 T = TypeVar("T")
 
@@ -90,3 +93,23 @@ def parse_ecs(option: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     if family == 2 and source_prefix <= 128 and len(address) <= 16:
         return ipaddress.IPv6Address(address.ljust(16, b"\0"))
     return None
+
+
+def identify(policy: Policy, address: str, ecs: bytes | None = None) -> Client:
+    """Find the client behind a source address (or the ECS address a trusted forwarder sent)."""
+    try:
+        source = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return Client(address, None, policy.config.policy.default_group, False)
+    if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
+        source = source.ipv4_mapped
+    allowed = policy.allow_table.lookup(source) is not None
+    if ecs is not None and policy.trusted_table.lookup(source) is not None:
+        subnet = parse_ecs(ecs)
+        if subnet is not None:
+            source = subnet
+            address = str(subnet)
+    device = policy.device_table.lookup(source)
+    if device is None:
+        return Client(address, None, policy.config.policy.default_group, allowed)
+    return Client(address, device.id, device.group, allowed)

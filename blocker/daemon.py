@@ -1,38 +1,41 @@
 """The life of `blocker serve`: load, bind, ready; reload on SIGHUP or a file change; stop on SIGTERM.
 
-A reload builds a whole new policy off the event loop and swaps it in one assignment; queries in
-flight finish on the snapshot they started with. A broken config or list is logged as
-FILE:LINE: message, counted, and the running policy keeps serving.
+A reload (see source.py) builds a whole new policy off the event loop and swaps it in one
+assignment; queries in flight finish on the snapshot they started with. A broken config or list
+is logged as FILE:LINE: message, counted, and the running policy keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from blocker.audit import ExemptionAudit
 from blocker.cache import AnswerCache
-from blocker.config import Config
+from blocker.clock import Clock
 from blocker.errors import ConfigError
 from blocker.httpd import OpsServer
 from blocker.metrics import Gauges, Stats, make_registry
-from blocker.policy import Policy, load_policy
+from blocker.policy import Policy
 from blocker.querylog import QueryLog
+from blocker.recorder import Recorder
 from blocker.resolver import Resolver
 from blocker.server import Listeners
-from blocker.upstream import Upstreams
+from blocker.source import PolicySource
+from blocker.upstream import follow_config
 from blocker.yamlfile import format_endpoint
 
 log = logging.getLogger("blocker")
 
-POLL_SECONDS = 1.0
 DRAIN_SECONDS = 3.0
 
 
@@ -52,58 +55,64 @@ def log_problems(prefix: str, err: ConfigError) -> None:
         log.error("%s: %s", prefix, problem)
 
 
+def bind_error(what: str, endpoint: str, err: OSError) -> str:
+    """A bind failure with its reason and what usually causes it."""
+    if err.errno == errno.EADDRINUSE:
+        reason = "address already in use: another process holds this port (find it with `ss -lupn`)"
+    elif err.errno == errno.EACCES:
+        reason = "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE"
+    elif err.errno == errno.EADDRNOTAVAIL:
+        reason = "address not available: no interface of this host has that address"
+    else:
+        reason = err.strerror or str(err)
+    return f"cannot listen {what} on {endpoint}: {reason}"
+
+
 class Daemon:
     """Owns the running policy, the listeners, the cache and the ops endpoint."""
 
-    def __init__(self, config_path: Path | None, policy: Policy) -> None:
-        self.config_path = config_path
-        self.policy = policy
+    def __init__(self, config_path: Path | None, policy: Policy, clock: Clock | None = None) -> None:
+        self.clock = clock or Clock()
         self.stats = Stats()
+        self.stats.prepare(policy.group_order, policy.lists.categories)
         dns = policy.config.dns
         self.cache = AnswerCache(dns.cache_size)
-        self.upstreams = Upstreams(dns.upstreams, dns.upstream_timeout, self.stats)
-        self.resolver = Resolver(policy, self.cache, self.upstreams, self.stats)
+        self.upstreams = follow_config(None, dns, self.stats)
+        self.recorder = Recorder(self.stats, self.clock)
+        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock)
         self.listeners = Listeners(self.resolver)
+        self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
         self.audit = ExemptionAudit()
         self.querylog: QueryLog | None = None
         self._configure_querylog(policy)
         self.ops: OpsServer | None = None
         self.ready = False
         self.stopping = asyncio.Event()
-        self._reload_lock = asyncio.Lock()
-        self._signature = file_signature(policy)
+
+    @property
+    def policy(self) -> Policy:
+        return self.resolver.policy
 
     async def run(self) -> int:
         config = self.policy.config
         if not config.dns.upstreams:
             log.warning("no upstream servers configured or found in /etc/resolv.conf: "
                         "allowed names will get SERVFAIL")
-        try:
-            for host, port in config.dns.listen:
-                bound = await self.listeners.bind(host, port)
-                log.info("listening dns=%s (udp+tcp)", format_endpoint(*bound))
-            if config.metrics.listen is not None:
-                gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy)
-                registry = make_registry(self.stats, gauges)
-                self.ops = OpsServer(*config.metrics.listen, registry, lambda: self.ready)
-                self.ops.start()
-                log.info("listening metrics=http://%s/metrics", format_endpoint(*self.ops.address))
-        except OSError as err:
-            log.error("cannot listen: %s", err)
+        if not await self._listen():
             await self.listeners.close(0)
             return 2
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload("SIGHUP")))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         self.stats.reloaded(True)
-        self._audit(self.audit.update(self.policy.config.policy.exemptions, datetime.now(UTC), self.policy.version))
+        self._audit(self.audit.update(self.policy.config.policy.exemptions, self.clock.now(), self.policy.version))
         self.ready = True
         policy = self.policy
-        log.info("ready pid=%d policy=%s config=%s categories=%d rules=%d upstreams=%s", os.getpid(),
-                 policy.version, config.source_name, len(policy.lists.categories), policy.lists.index.rule_count,
-                 ",".join(self.upstreams.names) or "none")
-        watcher = asyncio.ensure_future(self._watch_files())
+        log.info("ready pid=%d loop=%s policy=%s config=%s categories=%d rules=%d upstreams=%s", os.getpid(),
+                 loop_name(loop), policy.version, config.source_name, len(policy.lists.categories),
+                 policy.lists.index.rule_count, ",".join(self.upstreams.names) or "none")
+        watcher = asyncio.ensure_future(self.source.watch(self._tick))
         await self.stopping.wait()
         log.info("stopping: draining queries in flight")
         self.ready = False
@@ -116,6 +125,27 @@ class Daemon:
             self.querylog.close()
         log.info("stopped")
         return 0
+
+    async def _listen(self) -> bool:
+        """Bind every DNS address and the ops endpoint; False (logged with the reason) if one fails."""
+        config = self.policy.config
+        for host, port in config.dns.listen:
+            try:
+                bound = await self.listeners.bind(host, port)
+            except OSError as err:
+                log.error("%s", bind_error("for DNS (udp+tcp)", format_endpoint(host, port), err))
+                return False
+            log.info("listening dns=%s (udp+tcp)", format_endpoint(*bound))
+        if config.metrics.listen is not None:
+            gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog)
+            try:
+                self.ops = OpsServer(*config.metrics.listen, make_registry(self.stats, gauges), lambda: self.ready)
+            except OSError as err:
+                log.error("%s", bind_error("for metrics (http)", format_endpoint(*config.metrics.listen), err))
+                return False
+            self.ops.start()
+            log.info("listening metrics=http://%s/metrics", format_endpoint(*self.ops.address))
+        return True
 
     def _configure_querylog(self, policy: Policy) -> None:
         settings = policy.config.query_log
@@ -131,13 +161,16 @@ class Daemon:
         else:
             current.only_blocked = settings.only_blocked
             current.reopen()  # after a SIGHUP from logrotate, write to the new file
-        self.resolver.querylog = self.querylog
-        self.stats.querylog = self.querylog
+        self.recorder.querylog = self.querylog
 
     @staticmethod
     def _audit(events: list[dict[str, object]]) -> None:
         for event in events:
             log.info("audit %s", json.dumps(event, separators=(",", ":")))
+
+    def _tick(self) -> None:
+        """Every poll: record exemptions that started or expired (they do so with no reload)."""
+        self._audit(self.audit.tick(self.clock.now(), self.policy.version))
 
     def _cache_numbers(self) -> tuple[int, int, int, int]:
         cache = self.cache
@@ -145,97 +178,74 @@ class Daemon:
 
     async def reload(self, why: str) -> bool:
         """Load and compile the policy again; swap it in only if it is whole."""
-        async with self._reload_lock:
-            started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            try:
-                policy = await loop.run_in_executor(None, load_policy, self.config_path)
-            except ConfigError as err:
-                # Metrics first: whoever reads the log line may scrape at once.
-                first = err.problems[0]
-                self.stats.last_reload_error = (first.file, first.line, first.message)
-                self.stats.reloaded(False)
-                log_problems(f"reload ({why}) rejected, keeping policy {self.resolver.policy.version}", err)
-                self._signature = file_signature(self.resolver.policy, self.config_path)
-                return False
-            except Exception as err:
-                self.stats.last_reload_error = (str(self.config_path or ""), 0, f"internal error: {err}")
-                self.stats.reloaded(False)
-                log.exception("reload (%s) failed, keeping policy %s", why, self.resolver.policy.version)
-                return False
-            self._apply(policy)
-            self.stats.last_reload_error = None
-            self.stats.reloaded(True)
-            self._signature = file_signature(policy)
-            log.info("reloaded (%s) policy=%s in %.0f ms", why, policy.version,
-                     (time.perf_counter() - started) * 1000)
-            return True
+        return await self.source.reload(why)
 
-    def _apply(self, policy: Policy) -> None:
-        old: Config = self.resolver.policy.config
+    def _rejected(self, err: ConfigError | Exception, why: str) -> None:
+        keeping = f"keeping policy {self.policy.version}"
+        # Metrics first: whoever reads the log line may scrape at once.
+        if isinstance(err, ConfigError):
+            first = err.problems[0]
+            self.stats.last_reload_error = (first.file, first.line, first.message)
+            self.stats.reloaded(False)
+            log_problems(f"reload ({why}) rejected, {keeping}", err)
+        else:
+            self.stats.last_reload_error = (str(self.source.config_path or ""), 0, f"internal error: {err}")
+            self.stats.reloaded(False)
+            log.error("reload (%s) failed, %s", why, keeping, exc_info=err)
+
+    def _loaded(self, policy: Policy, why: str, milliseconds: float) -> None:
+        old = self.policy.config
         new = policy.config
-        if (new.dns.upstreams, new.dns.upstream_timeout) != (old.dns.upstreams, old.dns.upstream_timeout):
-            previous = self.upstreams
-            self.upstreams = Upstreams(new.dns.upstreams, new.dns.upstream_timeout, self.stats)
-            self.resolver.upstreams = self.upstreams
+        upstreams = follow_config(self.upstreams, new.dns, self.stats)
+        if upstreams is not self.upstreams:
+            self.upstreams = self.resolver.upstreams = upstreams
             # Answers from the old upstreams may differ: start the cache afresh.
             self.cache.clear()
-            asyncio.get_running_loop().call_later(new.dns.upstream_timeout * 4, previous.close)
         self.cache.size = new.dns.cache_size
         if new.dns.listen != old.dns.listen or new.metrics.listen != old.metrics.listen:
             log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
+        self.stats.prepare(policy.group_order, policy.lists.categories)
         self.resolver.swap(policy)
-        self.policy = policy
         self._configure_querylog(policy)
-        self._audit(self.audit.update(new.policy.exemptions, datetime.now(UTC), policy.version))
-
-    async def _watch_files(self) -> None:
-        """Poll the config and list files (a Kubernetes ConfigMap swaps a symlink, no inotify event),
-        and record exemptions that start or expire: they do so at their timestamps, with no reload."""
-        while True:
-            await asyncio.sleep(POLL_SECONDS)
-            self._audit(self.audit.tick(datetime.now(UTC), self.resolver.policy.version))
-            signature = file_signature(self.resolver.policy, self.config_path)
-            if signature != self._signature:
-                self._signature = signature
-                await self.reload("file change")
+        self.stats.last_reload_error = None
+        self.stats.reloaded(True)
+        log.info("reloaded (%s) policy=%s in %.0f ms", why, policy.version, milliseconds)
+        self._audit(self.audit.update(new.policy.exemptions, self.clock.now(), policy.version))
 
 
-def file_signature(policy: Policy, config_path: Path | None = None) -> tuple[object, ...]:
-    """What changes when any file of the policy changes (content, symlink target, new list files)."""
-    paths: list[Path] = list(policy.lists.files)
-    source = config_path or policy.config.source
-    if source is not None:
-        paths.append(source)
-    folder = policy.config.blocklists
+_background: set[asyncio.Future[Any]] = set()
+
+
+def _spawn(coroutine: Coroutine[Any, Any, Any]) -> None:
+    """Run a coroutine from a signal handler, keeping a reference until it is done."""
+    future = asyncio.ensure_future(coroutine)
+    _background.add(future)
+    future.add_done_callback(_background.discard)
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    """uvloop's runner where uvloop is installed (a dependency on Linux and macOS), else asyncio's."""
     try:
-        listing = tuple(sorted(p.name for p in folder.glob("*.yaml")))
-    except OSError:
-        listing = ()
-    stats = []
-    for path in paths:
-        try:
-            st = path.stat()
-            stats.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            stats.append((str(path), None))
-    return (listing, tuple(stats))
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed: running on the stock asyncio loop, several times slower")
+        return asyncio.run
+    return uvloop.run
 
 
 def serve(config_path: Path | None) -> int:
     """Run the resolver until SIGTERM/SIGINT; exit code 0 on a clean stop, 2 on a startup error."""
     setup_logging()
     try:
-        policy = load_policy(config_path)
+        policy = PolicySource.load(config_path)
     except ConfigError as err:
         log_problems("cannot start", err)
         return 2
-    try:
-        import uvloop
-    except ImportError:
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
+    runner = event_loop_runner()
     for warning in policy.warnings:
         log.warning("%s", warning)
 

@@ -17,40 +17,40 @@ _NAME = re.compile(r"^(?:(?!-)[a-z0-9_-]{1,63}(?<!-)\.)*(?!-)[a-z0-9_-]{1,63}(?<
 _PATTERN_LABEL = re.compile(r"^[a-z0-9_*-]{1,63}$")
 
 
-class NameError_(ValueError):
+class InvalidName(ValueError):
     """A text that is not a valid domain name or pattern."""
 
 
 def normalize(name: str) -> str:
-    """Lower-case, drop a trailing dot, encode IDNA labels as punycode; raises NameError_."""
+    """Lower-case, drop a trailing dot, encode IDNA labels as punycode; raises InvalidName."""
     text = name.strip().rstrip(".").lower()
     if not text:
-        raise NameError_("empty name")
+        raise InvalidName("empty name")
     if not text.isascii():
         try:
             text = text.encode("idna").decode("ascii")
         except UnicodeError as err:
-            raise NameError_(f"not a valid internationalised name: {err}") from None
+            raise InvalidName(f"not a valid internationalised name: {err}") from None
     if len(text) > 253:
-        raise NameError_("name longer than 253 characters")
+        raise InvalidName("name longer than 253 characters")
     return text
 
 
 def normalize_rule(text: str) -> str:
-    """Normalise a rule (a name, or a pattern with `*`); raises NameError_ when malformed."""
+    """Normalise a rule (a name, or a pattern with `*`); raises InvalidName when malformed."""
     if "*" not in text:
         name = normalize(text)
         if not _NAME.match(name):
-            raise NameError_(f"'{text}' is not a valid domain name")
+            raise InvalidName(f"'{text}' is not a valid domain name")
         return name
     pattern = text.strip().rstrip(".").lower()
     labels = pattern.split(".")
     if len(labels) < 2 or not all(_PATTERN_LABEL.match(label) for label in labels):
-        raise NameError_(f"'{text}' is not a valid pattern (`*` stands for part of one label)")
+        raise InvalidName(f"'{text}' is not a valid pattern (`*` stands for part of one label)")
     if "*" in labels[-1]:
-        raise NameError_(f"'{text}': a pattern needs a fixed top-level label")
+        raise InvalidName(f"'{text}': a pattern needs a fixed top-level label")
     if "**" in pattern:
-        raise NameError_(f"'{text}': '**' is not allowed, `*` already matches any run of characters")
+        raise InvalidName(f"'{text}': '**' is not allowed, `*` already matches any run of characters")
     return pattern
 
 

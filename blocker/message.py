@@ -28,9 +28,12 @@ RCODE_NXDOMAIN = 3
 RCODE_NOTIMP = 4
 RCODE_REFUSED = 5
 
+# Extended DNS Error codes (RFC 8914) that blocker sends.
 EDE_OTHER = 0
+EDE_STALE_ANSWER = 3
 EDE_BLOCKED = 15
 EDE_PROHIBITED = 18
+EDE_NO_REACHABLE_AUTHORITY = 22
 EDNS_ECS = 8
 
 # What we advertise and the most we send over UDP (DNS flag day 2020).

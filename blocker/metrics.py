@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -22,11 +23,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from blocker import __version__
+from blocker.policy import Action, Policy
 
 # 0.25 ms doubling to ~8 s: cached answers take well under a millisecond.
 TIME_BUCKETS = tuple(0.00025 * 2 ** i for i in range(16))
 _FIRST_BUCKET = TIME_BUCKETS[0]
 RELOAD_RESULTS = ("success", "failure")
+TRANSPORTS = ("udp", "tcp")
+ACTIONS = tuple(Action)
+UPSTREAM_RESULTS = ("ok", "servfail", "refused", "timeout", "error", "truncated")
 
 
 class Histogram:
@@ -58,7 +63,11 @@ class Histogram:
 
 
 class Stats:
-    """The resolver's counters. Written on the event loop, read by the scrape thread."""
+    """The resolver's counters. Written on the event loop, read by the scrape thread.
+
+    Every label value known in advance is created at 0 (`prepare`, `prepare_upstreams`), so a
+    scrape before the first query shows every series and `rate()` sees the first increments.
+    """
 
     def __init__(self) -> None:
         # Counters are one-element lists ("cells") so a hot path can keep a reference and add to it
@@ -66,7 +75,7 @@ class Stats:
         self.queries: dict[tuple[str, str], list[int]] = {}
         self.blocked: dict[tuple[str, str], list[int]] = {}
         self.exempted: dict[str, int] = {}
-        self.malformed: dict[str, int] = {}
+        self.malformed: dict[str, int] = {transport: 0 for transport in TRANSPORTS}
         self.duration = Histogram()
         self.upstream_results: dict[tuple[str, str], int] = {}
         self.upstream_duration: dict[str, Histogram] = {}
@@ -74,8 +83,25 @@ class Stats:
         self.last_reload_success = 0.0
         self.tcp_connections = 0
         self.internal_errors = 0
-        self.querylog: Any = None  # the QueryLog, when one is configured
         self.last_reload_error: tuple[str, int, str] | None = None  # (file, line, message) while failing
+        for transport in TRANSPORTS:
+            for action in ACTIONS:
+                self.query_cell(transport, action)
+
+    def prepare(self, group_blocks: dict[str, tuple[str, ...]], categories: Iterable[str]) -> None:
+        """Create the blocked and exempted series a policy can produce, at 0 (kept across reloads)."""
+        for group, blocks in group_blocks.items():
+            for category in blocks:
+                self.blocked_cell(category, group)
+        for category in categories:
+            self.exempted.setdefault(category, 0)
+
+    def prepare_upstreams(self, names: Iterable[str]) -> None:
+        """Create every upstream's result series at 0."""
+        for name in names:
+            for result in UPSTREAM_RESULTS:
+                self.upstream_results.setdefault((name, result), 0)
+            self.upstream_duration.setdefault(name, Histogram())
 
     def query_cell(self, transport: str, action: str) -> list[int]:
         cell = self.queries.get((transport, action))
@@ -116,12 +142,19 @@ class Stats:
             self.last_reload_success = time.time()
 
 
+class QueryLogCounts(Protocol):
+    written: int
+    dropped: int
+
+
 class Gauges:
     """Values read at scrape time from the running daemon."""
 
-    def __init__(self, cache: Callable[[], tuple[int, int, int, int]], policy: Callable[[], object]) -> None:
+    def __init__(self, cache: Callable[[], tuple[int, int, int, int]], policy: Callable[[], Policy | None],
+                 querylog: Callable[[], QueryLogCounts | None] = lambda: None) -> None:
         self.cache = cache  # (entries, hits, misses, evictions)
         self.policy = policy  # the current Policy
+        self.querylog = querylog  # the QueryLog, when one is configured
 
 
 class BlockerCollector(Collector):
@@ -133,82 +166,100 @@ class BlockerCollector(Collector):
 
     def collect(self) -> Iterator[object]:
         stats = self.stats
-        family = CounterMetricFamily("blocker_dns_queries", "DNS queries answered, by transport and action.",
-                                     labels=["transport", "action"])
-        for (transport, action), cell in stats.queries.copy().items():
-            family.add_metric([transport, action], cell[0])
-        yield family
-        family = CounterMetricFamily("blocker_dns_blocked", "Blocked queries, by the category that blocked "
-                                     "them and the client's group.", labels=["category", "group"])
-        for (category, group), cell in stats.blocked.copy().items():
-            family.add_metric([category, group], cell[0])
-        yield family
-        family = CounterMetricFamily("blocker_dns_exempted", "Queries allowed by an exemption, by category.",
-                                     labels=["category"])
-        for category, value in stats.exempted.copy().items():
-            family.add_metric([category], value)
-        yield family
-        family = CounterMetricFamily("blocker_dns_malformed_packets", "Packets that were not a readable query.",
-                                     labels=["transport"])
-        for transport, value in stats.malformed.copy().items():
-            family.add_metric([transport], value)
-        yield family
-        family = CounterMetricFamily("blocker_dns_internal_errors",
-                                     "Queries answered SERVFAIL because handling them raised an error.")
-        family.add_metric([], stats.internal_errors)
-        yield family
-        histogram = HistogramMetricFamily("blocker_dns_request_duration_seconds",
-                                          "Time from receiving a query to sending its answer.")
-        histogram.add_metric([], stats.duration.buckets(), stats.duration.sum)
-        yield histogram
+        yield from dns_families(stats)
         entries, hits, misses, evictions = self.gauges.cache()
         yield _counter("blocker_dns_cache_hits", "Answers served from the cache.", hits)
         yield _counter("blocker_dns_cache_misses", "Lookups that found no live cache entry.", misses)
         yield _counter("blocker_dns_cache_evictions", "Entries pushed out of the full cache.", evictions)
         yield _gauge("blocker_dns_cache_entries", "Answers held in the cache.", entries)
         yield _gauge("blocker_dns_tcp_connections", "Open client TCP connections.", stats.tcp_connections)
-        querylog = stats.querylog
+        querylog = self.gauges.querylog()
         yield _counter("blocker_querylog_written", "Query-log entries written.", querylog.written if querylog else 0)
         yield _counter("blocker_querylog_dropped", "Query-log entries dropped because the writer fell behind.",
                        querylog.dropped if querylog else 0)
-        family = CounterMetricFamily("blocker_upstream_queries", "Queries sent upstream, by upstream and result.",
-                                     labels=["upstream", "result"])
-        for (name, result), value in stats.upstream_results.copy().items():
-            family.add_metric([name, result], value)
-        yield family
-        histogram = HistogramMetricFamily("blocker_upstream_request_duration_seconds",
-                                          "Time an upstream took to answer (or to time out).",
-                                          labels=["upstream"])
-        for name, hist in stats.upstream_duration.copy().items():
-            histogram.add_metric([name], hist.buckets(), hist.sum)
-        yield histogram
-        family = CounterMetricFamily("blocker_config_reloads", "Policy reloads, by result.", labels=["result"])
-        for result, value in stats.reloads.copy().items():
-            family.add_metric([result], value)
-        yield family
-        yield _gauge("blocker_config_last_reload_success_timestamp_seconds",
-                     "When the running policy was loaded (Unix time).", stats.last_reload_success)
-        error = stats.last_reload_error
-        family = GaugeMetricFamily("blocker_config_last_reload_error",
-                                   "1 while the last reload failed, with its first problem (file, line, message).",
-                                   labels=["file", "line", "message"])
-        if error is not None:
-            family.add_metric([error[0], str(error[1]), error[2][:200]], 1)
-        yield family
+        yield from upstream_families(stats)
+        yield from reload_families(stats)
         policy = self.gauges.policy()
         if policy is not None:
-            yield from _policy_families(policy)
-        info = InfoMetricFamily("blocker_build", "The running blocker's version.")
-        info.add_metric([], {"version": __version__})
-        yield info
+            yield from policy_families(policy)
+        yield build_info()
 
 
-def _policy_families(policy: object) -> Iterator[object]:
-    from datetime import UTC, datetime, timedelta
+def dns_families(stats: Stats) -> Iterator[object]:
+    """Queries by outcome, blocked and exempted by category, malformed packets, answer latency."""
+    family = CounterMetricFamily("blocker_dns_queries", "DNS queries answered, by transport and action.",
+                                 labels=["transport", "action"])
+    for (transport, action), cell in stats.queries.copy().items():
+        family.add_metric([transport, action], cell[0])
+    yield family
+    family = CounterMetricFamily("blocker_dns_blocked", "Blocked queries, by the category that blocked "
+                                 "them and the client's group.", labels=["category", "group"])
+    for (category, group), cell in stats.blocked.copy().items():
+        family.add_metric([category, group], cell[0])
+    yield family
+    family = CounterMetricFamily("blocker_dns_exempted", "Queries allowed by an exemption, by category.",
+                                 labels=["category"])
+    for category, value in stats.exempted.copy().items():
+        family.add_metric([category], value)
+    yield family
+    family = CounterMetricFamily("blocker_dns_malformed_packets", "Packets that were not a readable query.",
+                                 labels=["transport"])
+    for transport, value in stats.malformed.copy().items():
+        family.add_metric([transport], value)
+    yield family
+    yield _counter("blocker_dns_internal_errors", "Queries answered SERVFAIL because handling them raised an error.",
+                   stats.internal_errors)
+    histogram = HistogramMetricFamily("blocker_dns_request_duration_seconds",
+                                      "Time from receiving a query to sending its answer.")
+    histogram.add_metric([], stats.duration.buckets(), stats.duration.sum)
+    yield histogram
 
-    from blocker.policy import Policy
 
-    assert isinstance(policy, Policy)
+def upstream_families(stats: Stats) -> Iterator[object]:
+    """Upstream queries by result, and upstream latency."""
+    family = CounterMetricFamily("blocker_upstream_queries", "Queries sent upstream, by upstream and result.",
+                                 labels=["upstream", "result"])
+    for (name, result), value in stats.upstream_results.copy().items():
+        family.add_metric([name, result], value)
+    yield family
+    histogram = HistogramMetricFamily("blocker_upstream_request_duration_seconds",
+                                      "Time an upstream took to answer (or to time out).", labels=["upstream"])
+    for name, hist in stats.upstream_duration.copy().items():
+        histogram.add_metric([name], hist.buckets(), hist.sum)
+    yield histogram
+
+
+def reload_families(stats: Stats) -> Iterator[object]:
+    """Policy loads by result, the last success, and the last error while failing."""
+    family = CounterMetricFamily("blocker_config_reloads", "Policy reloads, by result.", labels=["result"])
+    for result, value in stats.reloads.copy().items():
+        family.add_metric([result], value)
+    yield family
+    yield _gauge("blocker_config_last_reload_success_timestamp_seconds",
+                 "When the running policy was loaded (Unix time).", stats.last_reload_success)
+    error = stats.last_reload_error
+    family = GaugeMetricFamily("blocker_config_last_reload_error",
+                               "1 while the last reload failed, with its first problem (file, line, message).",
+                               labels=["file", "line", "message"])
+    if error is not None:
+        family.add_metric([error[0], str(error[1]), error[2][:200]], 1)
+    yield family
+
+
+def build_info() -> InfoMetricFamily:
+    info = InfoMetricFamily("blocker_build", "The running blocker's version.")
+    info.add_metric([], {"version": __version__})
+    return info
+
+
+def policy_info(policy: Policy) -> InfoMetricFamily:
+    info = InfoMetricFamily("blocker_policy", "The running policy's version.")
+    info.add_metric([], {"version": policy.version})
+    return info
+
+
+def policy_families(policy: Policy) -> Iterator[object]:
+    """Rules per category, exemptions in force and expiring, devices, and the policy's version."""
     family = GaugeMetricFamily("blocker_blocklist_domains", "Rules loaded per category.", labels=["category"])
     sizes = policy.lists.index.categories_sizes()
     for category in sorted(policy.lists.categories):
@@ -222,9 +273,7 @@ def _policy_families(policy: object) -> Iterator[object]:
     yield _gauge("blocker_exemptions_expiring", "Exemptions in force now that expire within 7 days.",
                  sum(1 for e in active if e.expires <= soon))
     yield _gauge("blocker_devices", "Devices in the running policy.", len(policy.devices))
-    info = InfoMetricFamily("blocker_policy", "The running policy's version.")
-    info.add_metric([], {"version": policy.version})
-    yield info
+    yield policy_info(policy)
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
@@ -240,6 +289,8 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 def make_registry(stats: Stats, gauges: Gauges) -> CollectorRegistry:
+    """A registry of blocker's own metrics plus the standard `process_*` ones (memory, CPU, fds)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BlockerCollector(stats, gauges))
+    ProcessCollector(registry=registry)
     return registry

@@ -18,10 +18,10 @@ import ipaddress
 import logging
 import signal
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Optional
 
+import dnslib
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
@@ -29,22 +29,24 @@ from mitmproxy.proxy import server_hooks
 if __package__ in (None, ""):  # loaded by path with `mitmdump -s`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blocker.clients import Client
-from blocker.daemon import file_signature
-from blocker.domains import NameError_, normalize
+from blocker.clients import Client, identify
+from blocker.clock import Clock
+from blocker.daemon import setup_logging
+from blocker.domains import InvalidName, normalize
 from blocker.errors import ConfigError
 from blocker.httpd import OpsServer
+from blocker.message import read_question
 from blocker.metrics import Stats
-from blocker.policy import Action, Decision, Policy, decide, identify, load_policy
+from blocker.policy import Action, Decision, Policy, decide
 from blocker.proxy_metrics import ProxyStats, make_proxy_registry
-from blocker.upstream import Upstreams, resolve_addresses
+from blocker.source import PolicySource
+from blocker.upstream import Upstreams, follow_config
 
 log = logging.getLogger("blocker")
 
 BARE_IP_CHOICES = ("allow", "block")
 DOH_CATEGORY = "doh"
 IP_LITERAL = "ip_literal"
-POLL_SECONDS = 1.0
 
 
 def is_doh_request(request: http.Request) -> bool:
@@ -67,56 +69,69 @@ class BlockerAddon:
     """Loads the policy from `blocker_config` and enforces it on every connection and request."""
 
     def __init__(self) -> None:
-        self.policy: Policy | None = None
+        self.source: PolicySource | None = None
         self.upstreams: Upstreams | None = None
         self.stats = ProxyStats()
         self.upstream_stats = Stats()
+        self.clock = Clock()
         self._refused: dict[str, Decision] = {}  # client connection id -> why its TLS is to be failed
-        self._signature: tuple[object, ...] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._ops: OpsServer | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+
+    @property
+    def policy(self) -> Policy | None:
+        return self.source.policy if self.source is not None else None
 
     def load(self, loader: Loader) -> None:
+        setup_logging()
         loader.add_option("blocker_config", Optional[str], None, "blocker's config file (YAML)")  # noqa: UP045
         loader.add_option("blocker_bare_ip", str, "allow",
                           "what to do with a connection to a bare IP address without SNI: allow or block")
         loader.add_option("blocker_metrics", str, "127.0.0.1:9154",
                           "host:port for the proxy's /metrics, /healthz and /readyz; empty for none")
+        loader.add_option("blocker_log_requests", bool, False,
+                          "log one line per decision (stage, action, category, device, host)")
 
     def configure(self, updated: set[str]) -> None:
         if "blocker_bare_ip" in updated and ctx.options.blocker_bare_ip not in BARE_IP_CHOICES:
             raise exceptions.OptionsError(f"blocker_bare_ip must be one of {', '.join(BARE_IP_CHOICES)}")
+        if "proxyauth" in updated and ctx.options.proxyauth == "any":
+            log.warning("proxyauth=any accepts every user name and password: proxy user names are NOT taken "
+                        "as device ids (clients are identified by address); set real credentials "
+                        "(user:pass, @htpasswd or ldap) to identify devices by user name")
         if "blocker_config" in updated:
-            self._load(reason="configure")
-
-    def _load(self, reason: str) -> bool:
-        path = ctx.options.blocker_config
-        config_path = Path(path) if path else None
-        try:
-            policy = load_policy(config_path)
-        except ConfigError as err:
-            self.stats.reloaded(False)
-            if self.policy is None or reason == "configure":
+            path = ctx.options.blocker_config
+            config_path = Path(path) if path else None
+            try:
+                policy = PolicySource.load(config_path)
+            except ConfigError as err:
+                self.stats.reloaded(False)
                 # mitmproxy keeps the old options (and so the old policy) when configure raises.
                 raise exceptions.OptionsError(f"blocker_config rejected:\n{err}") from None
-            for problem in err.problems:
-                log.error("proxy reload (%s) rejected, keeping policy %s: %s", reason, self.policy.version, problem)
-            self._signature = file_signature(self.policy, config_path)
-            return False
-        dns = policy.config.dns
-        if self.upstreams is None or self.upstreams.endpoints != dns.upstreams:
-            self.upstreams = Upstreams(dns.upstreams, dns.upstream_timeout, self.upstream_stats)
-        self.policy = policy
-        self._signature = file_signature(policy, config_path)
+            self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
+            self._loaded(policy, "configure", 0.0)
+
+    def _loaded(self, policy: Policy, why: str, milliseconds: float) -> None:
+        self.upstreams = follow_config(self.upstreams, policy.config.dns, self.upstream_stats)
+        self.stats.prepare(policy.lists.categories)
         self.stats.reloaded(True)
-        log.info("proxy policy=%s loaded (%s) from %s", policy.version, reason, policy.config.source_name)
-        return True
+        log.info("proxy policy=%s loaded (%s) from %s in %.0f ms", policy.version, why, policy.config.source_name,
+                 milliseconds)
+
+    def _rejected(self, err: ConfigError | Exception, why: str) -> None:
+        self.stats.reloaded(False)
+        version = self.policy.version if self.policy is not None else "-"
+        problems = err.problems if isinstance(err, ConfigError) else [f"internal error: {err}"]
+        for problem in problems:
+            log.error("proxy reload (%s) rejected, keeping policy %s: %s", why, version, problem)
 
     def running(self) -> None:
         loop = asyncio.get_running_loop()
-        self._watcher = loop.create_task(self._watch())
+        if self.source is not None:
+            self._watcher = loop.create_task(self.source.watch())
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform/loop
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._load("SIGHUP"))
+            loop.add_signal_handler(signal.SIGHUP, self._sighup)
         listen = ctx.options.blocker_metrics
         if listen:
             host, _, port = listen.rpartition(":")
@@ -124,6 +139,16 @@ class BlockerAddon:
             self._ops = OpsServer(host.strip("[]"), int(port), registry, lambda: self.policy is not None)
             self._ops.start()
             log.info("proxy metrics=http://%s/metrics", listen)
+        policy = self.policy
+        log.info("proxy ready mode=%s policy=%s upstreams=%s bare_ip=%s",
+                 ",".join(ctx.options.mode), policy.version if policy else "-",
+                 ",".join(self.upstreams.names) if self.upstreams else "none", ctx.options.blocker_bare_ip)
+
+    def _sighup(self) -> None:
+        if self.source is not None:
+            future = asyncio.ensure_future(self.source.reload("SIGHUP"))
+            self._background.add(future)
+            future.add_done_callback(self._background.discard)
 
     def done(self) -> None:
         if self._watcher is not None:
@@ -133,16 +158,6 @@ class BlockerAddon:
         if self.upstreams is not None:
             self.upstreams.close()
 
-    async def _watch(self) -> None:
-        """The resolver's reload trigger: any change to the config or list files."""
-        while True:
-            await asyncio.sleep(POLL_SECONDS)
-            if self.policy is None:
-                continue
-            path = ctx.options.blocker_config
-            if file_signature(self.policy, Path(path) if path else None) != self._signature:
-                self._load("file change")
-
     # --- who and what --------------------------------------------------------------------------
 
     def _client(self, client: connection.Client, username: str | None) -> Client:
@@ -150,7 +165,8 @@ class BlockerAddon:
         policy = self._policy()
         address = str(client.peername[0]) if client.peername else ""
         by_address = identify(policy, address)
-        if username and username in policy.devices:
+        # With proxyauth=any, anyone may claim any device id: user names are then not identity.
+        if username and username in policy.devices and ctx.options.proxyauth != "any":
             device = policy.devices[username]
             return Client(address, device.id, device.group, by_address.allowed)
         return by_address
@@ -170,9 +186,9 @@ class BlockerAddon:
             return Decision(Action.ALLOWED, client.group, category=IP_LITERAL)
         try:
             name = normalize(host)
-        except NameError_:
+        except InvalidName:
             return Decision(Action.BLOCKED, client.group, category="invalid_name")
-        return decide(policy, client, name, datetime.now(UTC))
+        return decide(policy, client, name, self.clock.now())
 
     @staticmethod
     def _username(client: connection.Client, flow: http.HTTPFlow | None = None) -> str | None:
@@ -182,9 +198,12 @@ class BlockerAddon:
         credentials = auth.authenticated.get(client) if auth is not None else None
         return str(credentials[0]) if credentials else None
 
-    def _count(self, kind: str, decision: Decision) -> None:
+    def _count(self, kind: str, decision: Decision, client: Client, host: str) -> None:
         action = "blocked" if decision.action in (Action.BLOCKED, Action.REFUSED) else decision.action.value
         self.stats.request(kind, action, decision.category or "none")
+        if ctx.options.blocker_log_requests:
+            log.info("proxy %s %s category=%s device=%s client=%s host=%s", kind, action, decision.category or "-",
+                     client.device or "-", client.address, host)
 
     # --- hooks ---------------------------------------------------------------------------------
 
@@ -194,7 +213,7 @@ class BlockerAddon:
             return
         client = self._client(flow.client_conn, self._username(flow.client_conn, flow))
         decision = self._decide_host(client, flow.request.host)
-        self._count("connect", decision)
+        self._count("connect", decision, client, flow.request.host)
         if decision.action in (Action.BLOCKED, Action.REFUSED):
             flow.response = http.Response.make(
                 451, block_page(flow.request.host, decision, self._policy().version),
@@ -208,7 +227,7 @@ class BlockerAddon:
         server = data.context.server.address
         host = data.client_hello.sni or (str(server[0]) if server else "0.0.0.0")
         decision = self._decide_host(client, host)
-        self._count("tls", decision)
+        self._count("tls", decision, client, host)
         if decision.action in (Action.BLOCKED, Action.REFUSED):
             self._refused[client_conn.id] = decision
         else:
@@ -236,7 +255,7 @@ class BlockerAddon:
         if (decision.action not in (Action.BLOCKED, Action.REFUSED) and is_doh_request(flow.request)
                 and DOH_CATEGORY in policy.group_blocks.get(client.group, frozenset())):
             decision = Decision(Action.BLOCKED, client.group, frozenset({DOH_CATEGORY}), DOH_CATEGORY)
-        self._count("http", decision)
+        self._count("http", decision, client, host)
         if decision.action in (Action.BLOCKED, Action.REFUSED):
             flow.response = http.Response.make(
                 451, block_page(host, decision, policy.version),
@@ -254,13 +273,37 @@ class BlockerAddon:
         for target in targets:
             decision = self._decide_host(client, target)
             if decision.action is Action.BLOCKED:
-                self._count("connect", decision)
+                self._count("connect", decision, client, target)
                 data.server.error = f"blocked: category={decision.category} (via CNAME {target})"
                 return
         if not addresses:
             data.server.error = f"cannot resolve {host} through the configured upstreams"
             return
         data.server.address = (addresses[0], port)
+
+
+async def resolve_addresses(upstreams: Upstreams, name: str) -> tuple[list[str], list[str]]:
+    """The IPv4 (else IPv6) addresses of a name through the configured upstreams, and the CNAME
+    targets met on the way. For the proxy: it must never ask the host's own resolver."""
+    addresses: list[str] = []
+    targets: list[str] = []
+    for qtype in ("A", "AAAA"):
+        wire = dnslib.DNSRecord.question(name, qtype).pack()
+        answer = await upstreams.resolve(read_question(bytes(wire)))
+        if answer is None:
+            continue
+        try:
+            record = dnslib.DNSRecord.parse(answer)
+        except dnslib.DNSError:
+            continue
+        for rr in record.rr:
+            if rr.rtype == dnslib.QTYPE.CNAME:
+                targets.append(str(rr.rdata.label).rstrip(".").lower())
+            elif rr.rtype in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA):
+                addresses.append(str(rr.rdata))
+        if addresses:
+            break
+    return addresses, targets
 
 
 def _is_ip(host: Any) -> bool:

@@ -1,7 +1,8 @@
 """The policy: a compiled snapshot of config and lists, and the one pure decision function.
 
-`decide(policy, client, qname, now)` is shared by the resolver, `blocker check` and the proxy
-addon. No DNS wire format and no I/O here.
+`decide(policy, client, qname, now)` is shared by the resolver (as its two memoised halves,
+`Policy.categorize` and `decide_categories`) and the proxy addon; `explain` adds the rule's file
+and line for `blocker check`. No DNS wire format and no I/O on the decision path.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from blocker.blocklists import Blocklists, find_line, load_blocklists
-from blocker.clients import Client, NetworkTable, parse_ecs
+from blocker.clients import Client, NetworkTable
 from blocker.config import Config, Device, Exemption
 from blocker.domains import Match, is_valid_name, normalize
 from blocker.errors import ConfigError, Problem
@@ -25,10 +26,13 @@ CANARY_CATEGORY = "doh"
 
 
 class Action(StrEnum):
+    """What happened to a query; also the `action` label of the metrics and the query log."""
+
     ALLOWED = "allowed"
     BLOCKED = "blocked"
     EXEMPTED = "exempted"
     REFUSED = "refused"
+    ERROR = "error"  # never a decision: an answer that failed (SERVFAIL, FORMERR, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +88,11 @@ class Policy:
         return match
 
 
-def compile_policy(config: Config) -> Policy:
-    """Load the lists and check config against them; raises ConfigError with every problem."""
-    lists = load_blocklists(config.blocklists)
+def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
+    """Load the lists (unless already loaded ones are given) and check config against them;
+    raises ConfigError with every problem."""
+    if lists is None:
+        lists = load_blocklists(config.blocklists)
     problems: list[Problem] = []
     source = config.source_name
     known = set(lists.categories) | {CANARY_CATEGORY}
@@ -146,37 +152,23 @@ def policy_version(config: Config, files: tuple[Path, ...]) -> str:
     return digest.hexdigest()[:10]
 
 
-def identify(policy: Policy, address: str, ecs: bytes | None = None) -> Client:
-    """Find the client behind a source address (or the ECS address a trusted forwarder sent)."""
-    try:
-        source = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return Client(address, None, policy.config.policy.default_group, False)
-    if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
-        source = source.ipv4_mapped
-    allowed = policy.allow_table.lookup(source) is not None
-    if ecs is not None and policy.trusted_table.lookup(source) is not None:
-        subnet = parse_ecs(ecs)
-        if subnet is not None:
-            source = subnet
-            address = str(subnet)
-    device = policy.device_table.lookup(source)
-    if device is None:
-        return Client(address, None, policy.config.policy.default_group, allowed)
-    return Client(address, device.id, device.group, allowed)
-
-
 def decide(policy: Policy, client: Client, qname: str, now: datetime) -> Decision:
     """The decision for one normalised name and one client at time `now` (timezone-aware).
 
-    The resolver runs the same two steps apart (`Policy.categorize`, then `decide_categories`) so it
-    can memoise the first; `blocker check` and the proxy addon call this.
+    The fast path, used by the proxy addon: an index walk and a few set operations. The resolver
+    runs its two steps apart (`Policy.categorize`, then `decide_categories`) to memoise the first.
     """
     if not client.allowed:
         return Decision(Action.REFUSED, client.group)
-    match = policy.explain(qname)
-    categories = match.categories | {CANARY_CATEGORY} if qname in CANARY_NAMES else match.categories
-    return replace(decide_categories(policy, client, qname, categories, now), rule=match)
+    return decide_categories(policy, client, qname, policy.categorize(qname), now)
+
+
+def explain(policy: Policy, client: Client, qname: str, now: datetime) -> Decision:
+    """`decide`, with the matching rule's file and line filled in (slow: may read a list file).
+
+    For `blocker check` and the console only, never for traffic.
+    """
+    return replace(decide(policy, client, qname, now), rule=policy.explain(qname))
 
 
 def decide_categories(policy: Policy, client: Client, qname: str, categories: frozenset[str],
@@ -215,8 +207,12 @@ def check_name(text: str) -> str:
     return name
 
 
-def load_policy(path: Path | None) -> Policy:
-    """Read config and lists and compile them; raises ConfigError."""
+def load_policy(path: Path | None, lists: Blocklists | None = None) -> Policy:
+    """Read config and lists and compile them; raises ConfigError. `lists`, when given and loaded
+    from the same folder, are used as they are (a reload whose list files did not change)."""
     from blocker.config import load_config
 
-    return compile_policy(load_config(path))
+    config = load_config(path)
+    if lists is not None and lists.folder != config.blocklists:
+        lists = None
+    return compile_policy(config, lists)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from blocker.metrics import BlockerCollector, Gauges, Stats
+from blocker.metrics import RELOAD_RESULTS, Stats, build_info, policy_info, upstream_families
+from blocker.policy import Action, Policy
+
+STAGES = ("connect", "tls", "http")
 
 
 class ProxyStats:
@@ -17,9 +20,15 @@ class ProxyStats:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {}
-        self.stages: dict[str, int] = {}
-        self.reloads = {"success": 0, "failure": 0}
+        self.stages: dict[str, int] = {stage: 0 for stage in STAGES}
+        self.reloads = {result: 0 for result in RELOAD_RESULTS}
         self.last_reload_success = 0.0
+
+    def prepare(self, categories: Iterable[str]) -> None:
+        """Create the series a policy can produce, at 0 (so `rate()` sees the first decisions)."""
+        for category in (*categories, "none"):
+            for action in (Action.ALLOWED, Action.BLOCKED, Action.EXEMPTED):
+                self.requests.setdefault((action.value, category), 0)
 
     def request(self, stage: str, action: str, category: str) -> None:
         """One decision: `stage` is connect (CONNECT), tls (ClientHello SNI) or http (plain request)."""
@@ -34,9 +43,11 @@ class ProxyStats:
 
 
 class ProxyCollector(Collector):
-    def __init__(self, stats: ProxyStats, upstream_stats: Stats, policy: Callable[[], object]) -> None:
+    """The proxy's decisions and reloads, its upstream queries, and the policy and build versions."""
+
+    def __init__(self, stats: ProxyStats, upstream_stats: Stats, policy: Callable[[], Policy | None]) -> None:
         self.stats = stats
-        self.upstream = BlockerCollector(upstream_stats, Gauges(lambda: (0, 0, 0, 0), policy))
+        self.upstream_stats = upstream_stats
         self.policy = policy
 
     def collect(self) -> Iterator[object]:
@@ -59,13 +70,16 @@ class ProxyCollector(Collector):
                                   "When the proxy's running policy was loaded (Unix time).")
         gauge.add_metric([], self.stats.last_reload_success)
         yield gauge
-        for metric in self.upstream.collect():
-            name = getattr(metric, "name", "")
-            if name.startswith("blocker_upstream_") or name in ("blocker_policy", "blocker_build"):
-                yield metric
+        yield from upstream_families(self.upstream_stats)
+        policy = self.policy()
+        if policy is not None:
+            yield policy_info(policy)
+        yield build_info()
 
 
-def make_proxy_registry(stats: ProxyStats, upstream_stats: Stats, policy: Callable[[], object]) -> CollectorRegistry:
+def make_proxy_registry(stats: ProxyStats, upstream_stats: Stats,
+                        policy: Callable[[], Policy | None]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(stats, upstream_stats, policy))
+    ProcessCollector(registry=registry)
     return registry

@@ -52,7 +52,7 @@ class UdpListener(asyncio.DatagramProtocol):
         task.add_done_callback(self.tasks.discard)
 
     async def _finish(self, pending: Coroutine[Any, Any, bytes | None], addr: tuple[Any, ...]) -> None:
-        reply = await pending
+        reply = await pending  # the resolver's coroutine answers SERVFAIL itself rather than raise
         if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 

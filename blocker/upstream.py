@@ -2,7 +2,9 @@
 and a retry over TCP when the UDP answer is truncated.
 
 One connected UDP socket per upstream carries every outstanding query, matched by random ID and
-by question; a port-unreachable error fails that upstream's pending queries at once.
+by question; a port-unreachable error fails that upstream's pending queries at once. Identical
+questions waiting at the same time share one upstream query (single-flight), and the number of
+queries waiting on upstreams is capped so a dead upstream cannot pile up unbounded work.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import struct
 import time
 from collections.abc import Sequence
 
-import dnslib
-
-from blocker.message import RCODE_REFUSED, RCODE_SERVFAIL, Query, read_question, upstream_query
+from blocker.config import DnsConfig
+from blocker.message import RCODE_REFUSED, RCODE_SERVFAIL, Query, upstream_query
 from blocker.metrics import Stats
 from blocker.yamlfile import format_endpoint
 
 Endpoint = tuple[str, int]
+
+MAX_FORWARDS = 4096  # queries waiting on upstreams at once; beyond this, SERVFAIL at once
 
 
 class _UdpChannel(asyncio.DatagramProtocol):
@@ -59,13 +62,45 @@ class _UdpChannel(asyncio.DatagramProtocol):
 class Upstreams:
     """The configured upstream servers, asked in order."""
 
-    def __init__(self, endpoints: Sequence[Endpoint], timeout: float, stats: Stats) -> None:
+    def __init__(self, endpoints: Sequence[Endpoint], timeout: float, stats: Stats,
+                 max_forwards: int = MAX_FORWARDS) -> None:
         self.endpoints = tuple(endpoints)
         self.names = tuple(format_endpoint(host, port) for host, port in self.endpoints)
         self.timeout = timeout
         self.stats = stats
+        self.max_forwards = max_forwards
+        self.forwarding = 0  # queries waiting on `forward` now
         self._channels: dict[Endpoint, _UdpChannel] = {}
         self._opening: dict[Endpoint, asyncio.Lock] = {}
+        self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
+
+    @property
+    def busy(self) -> bool:
+        """Whether the cap on waiting queries is reached (the caller answers SERVFAIL at once)."""
+        return self.forwarding >= self.max_forwards
+
+    async def forward(self, query: Query) -> bytes | None:
+        """`resolve`, with identical questions in flight at the same time sharing one upstream query."""
+        key = query.cache_key
+        self.forwarding += 1
+        try:
+            waiting = self._inflight.get(key)
+            if waiting is not None:
+                return await asyncio.shield(waiting)
+            future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+            self._inflight[key] = future
+            try:
+                wire = await self.resolve(query)
+                future.set_result(wire)
+                return wire
+            except BaseException as err:
+                future.set_exception(err)
+                future.exception()  # marks it retrieved when nobody else waits
+                raise
+            finally:
+                del self._inflight[key]
+        finally:
+            self.forwarding -= 1
 
     async def _channel(self, endpoint: Endpoint) -> _UdpChannel:
         channel = self._channels.get(endpoint)
@@ -146,25 +181,17 @@ class Upstreams:
         self._channels.clear()
 
 
-async def resolve_addresses(upstreams: Upstreams, name: str) -> tuple[list[str], list[str]]:
-    """The IPv4 (else IPv6) addresses of a name through the configured upstreams, and the CNAME
-    targets met on the way. For the proxy: it must never ask the host's own resolver."""
-    addresses: list[str] = []
-    targets: list[str] = []
-    for qtype in ("A", "AAAA"):
-        wire = dnslib.DNSRecord.question(name, qtype).pack()
-        answer = await upstreams.resolve(read_question(bytes(wire)))
-        if answer is None:
-            continue
+def follow_config(current: Upstreams | None, dns: DnsConfig, stats: Stats) -> Upstreams:
+    """The upstreams for a newly loaded config: `current` when its servers and timeout are unchanged,
+    else new ones, the old ones closed once the queries still waiting on them had time to finish."""
+    if current is not None and (current.endpoints, current.timeout) == (dns.upstreams, dns.upstream_timeout):
+        return current
+    fresh = Upstreams(dns.upstreams, dns.upstream_timeout, stats)
+    stats.prepare_upstreams(fresh.names)
+    if current is not None:
         try:
-            record = dnslib.DNSRecord.parse(answer)
-        except dnslib.DNSError:
-            continue
-        for rr in record.rr:
-            if rr.rtype == dnslib.QTYPE.CNAME:
-                targets.append(str(rr.rdata.label).rstrip(".").lower())
-            elif rr.rtype in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA):
-                addresses.append(str(rr.rdata))
-        if addresses:
-            break
-    return addresses, targets
+            asyncio.get_running_loop().call_later(current.timeout * len(current.endpoints) + 1, current.close)
+        except RuntimeError:  # no loop yet: nothing can be waiting on it
+            current.close()
+    return fresh
+

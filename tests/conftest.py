@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,3 +60,14 @@ def blocker(knot: Knot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bl
     server = Blocker(config).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def blocker_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog for the `blocker` logger, which does not propagate once blocker's logging is set up."""
+    logger = logging.getLogger("blocker")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -12,8 +12,11 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
@@ -45,15 +48,33 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-def wait_for_dns(port: int, name: str, deadline: float = 10.0, host: str = "127.0.0.1") -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
+    """Call `check` until it returns a truthy value, which is returned; an AssertionError or OSError
+    it raises counts as "not yet". After `timeout` seconds, fail with the last reason."""
+    end = time.monotonic() + timeout
+    last: object = "returned a false value"
+    while True:
         try:
-            dns.query.udp(dns.message.make_query(name, "SOA"), host, port=port, timeout=0.3)
-            return
-        except (dns.exception.Timeout, OSError):
-            time.sleep(0.05)
-    raise AssertionError(f"no DNS server answered on {host}:{port}")
+            result = check()
+            if result:
+                return result
+            last = f"returned {result!r}"
+        except (AssertionError, OSError, dns.exception.Timeout) as err:
+            last = err
+        if time.monotonic() >= end:
+            raise AssertionError(f"{what or getattr(check, '__name__', 'check')} not true within {timeout}s: {last}")
+        time.sleep(interval)
+
+
+def wait_for_dns(port: int, name: str, deadline: float = 10.0, host: str = "127.0.0.1") -> None:
+    def answers() -> bool:
+        dns.query.udp(dns.message.make_query(name, "SOA"), host, port=port, timeout=0.3)
+        return True
+
+    eventually(answers, deadline, what=f"a DNS server answering on {host}:{port}")
 
 
 class Knot:

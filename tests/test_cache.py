@@ -7,15 +7,8 @@ import dns.rcode
 import dns.rrset
 
 from blocker.cache import SERVFAIL_TTL, AnswerCache
+from blocker.clock import ManualClock
 from blocker.message import scan_response
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def response(name: str = "www.example.test.", ttl: int = 300, rcode: int = 0, soa: tuple[int, int] | None = None,
@@ -33,72 +26,72 @@ def response(name: str = "www.example.test.", ttl: int = 300, rcode: int = 0, so
     return r.to_wire()
 
 
-def put(cache: AnswerCache, key: bytes, wire: bytes) -> None:
-    cache.put(key, wire, scan_response(wire), cache.clock())
+def put(cache: AnswerCache, key: bytes, wire: bytes, clock: ManualClock) -> None:
+    cache.put(key, wire, scan_response(wire), clock.monotonic())
 
 
 def test_ttl_counts_down_and_entry_expires() -> None:
-    clock = Clock()
-    cache = AnswerCache(10, clock)
-    put(cache, b"k", response(ttl=30))
-    clock.now += 12.5
-    entry = cache.get(b"k", clock())
+    clock = ManualClock()
+    cache = AnswerCache(10)
+    put(cache, b"k", response(ttl=30), clock)
+    clock.advance(12.5)
+    entry = cache.get(b"k", clock.monotonic())
     assert entry is not None
-    served = dns.message.from_wire(entry.render(clock(), edns=True))
+    served = dns.message.from_wire(entry.render(clock.monotonic(), edns=True))
     assert served.answer[0].ttl == 18
-    clock.now += 18
-    assert cache.get(b"k", clock()) is None
+    clock.advance(18)
+    assert cache.get(b"k", clock.monotonic()) is None
     assert (cache.hits, cache.misses) == (1, 1)
 
 
 def test_exempted_answer_ttl_is_capped() -> None:
-    clock = Clock()
-    cache = AnswerCache(10, clock)
-    put(cache, b"k", response(ttl=3600))
-    entry = cache.get(b"k", clock())
+    clock = ManualClock()
+    cache = AnswerCache(10)
+    put(cache, b"k", response(ttl=3600), clock)
+    entry = cache.get(b"k", clock.monotonic())
     assert entry is not None
-    assert dns.message.from_wire(entry.render(clock(), edns=True, cap=90.7)).answer[0].ttl == 90
+    assert dns.message.from_wire(entry.render(clock.monotonic(), edns=True, cap=90.7)).answer[0].ttl == 90
 
 
 def test_negative_answers_cached_for_soa_minimum() -> None:
-    clock = Clock()
-    cache = AnswerCache(10, clock)
-    put(cache, b"nx", response(rcode=dns.rcode.NXDOMAIN, soa=(300, 30)))
-    put(cache, b"nosoa", response(rcode=dns.rcode.NXDOMAIN))
-    assert cache.get(b"nosoa", clock()) is None  # RFC 2308: no SOA, no negative caching
-    clock.now += 29
-    assert cache.get(b"nx", clock()) is not None
-    clock.now += 1
-    assert cache.get(b"nx", clock()) is None
+    clock = ManualClock()
+    cache = AnswerCache(10)
+    put(cache, b"nx", response(rcode=dns.rcode.NXDOMAIN, soa=(300, 30)), clock)
+    put(cache, b"nosoa", response(rcode=dns.rcode.NXDOMAIN), clock)
+    assert cache.get(b"nosoa", clock.monotonic()) is None  # RFC 2308: no SOA, no negative caching
+    clock.advance(29)
+    assert cache.get(b"nx", clock.monotonic()) is not None
+    clock.advance(1)
+    assert cache.get(b"nx", clock.monotonic()) is None
 
 
 def test_servfail_is_cached_only_briefly() -> None:
-    clock = Clock()
-    cache = AnswerCache(10, clock)
-    put(cache, b"sf", response(rcode=dns.rcode.SERVFAIL))
-    assert cache.get(b"sf", clock()) is not None
-    clock.now += SERVFAIL_TTL
-    assert cache.get(b"sf", clock()) is None
+    clock = ManualClock()
+    cache = AnswerCache(10)
+    put(cache, b"sf", response(rcode=dns.rcode.SERVFAIL), clock)
+    assert cache.get(b"sf", clock.monotonic()) is not None
+    clock.advance(SERVFAIL_TTL)
+    assert cache.get(b"sf", clock.monotonic()) is None
     assert SERVFAIL_TTL <= 5
 
 
 def test_refused_and_zero_ttl_are_not_cached() -> None:
-    clock = Clock()
-    cache = AnswerCache(10, clock)
-    put(cache, b"r", response(rcode=dns.rcode.REFUSED))
-    put(cache, b"z", response(ttl=0))
+    clock = ManualClock()
+    cache = AnswerCache(10)
+    put(cache, b"r", response(rcode=dns.rcode.REFUSED), clock)
+    put(cache, b"z", response(ttl=0), clock)
     assert len(cache) == 0
 
 
 def test_lru_bound_evicts_least_recently_used() -> None:
-    clock = Clock()
-    cache = AnswerCache(2, clock)
-    put(cache, b"a", response())
-    put(cache, b"b", response())
-    assert cache.get(b"a", clock()) is not None  # a is now the most recent
-    put(cache, b"c", response())
-    assert cache.get(b"b", clock()) is None
-    assert cache.get(b"a", clock()) is not None and cache.get(b"c", clock()) is not None
+    clock = ManualClock()
+    cache = AnswerCache(2)
+    put(cache, b"a", response(), clock)
+    put(cache, b"b", response(), clock)
+    assert cache.get(b"a", clock.monotonic()) is not None  # a is now the most recent
+    put(cache, b"c", response(), clock)
+    assert cache.get(b"b", clock.monotonic()) is None
+    assert cache.get(b"a", clock.monotonic()) is not None and cache.get(b"c", clock.monotonic()) is not None
     assert cache.evictions == 1 and len(cache) == 2
 
 

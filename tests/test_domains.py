@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blocker.domains import NameError_, RuleIndex, RuleSource, normalize, normalize_rule
+from blocker.domains import InvalidName, RuleIndex, RuleSource, normalize, normalize_rule
 
 
 def build(rules: list[tuple[str, str, bool]]) -> RuleIndex:
@@ -90,7 +90,7 @@ def test_idna_name_matches_punycode_rule() -> None:
 @pytest.mark.parametrize("text", ["", ".", "a..b", "-bad.example", "bad-.example", "sp ace.example",
                                   "x" * 64 + ".example", "*.*", "tiktok.*", "a**b.example"])
 def test_bad_rules_are_refused(text: str) -> None:
-    with pytest.raises(NameError_):
+    with pytest.raises(InvalidName):
         normalize_rule(text)
 
 

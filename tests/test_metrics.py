@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import standard_config
-from helpers import Blocker, Knot, free_port, metric_value, rcode_text, require_tool
+from helpers import Blocker, Knot, eventually, free_port, metric_value, rcode_text, require_tool
 from test_deploy import dashboard_expressions
 
 
@@ -154,31 +154,30 @@ scrape_configs:
                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        query = urllib.parse.quote('blocker_dns_blocked_total{job="blocker"}')
-        deadline = time.monotonic() + 60
-        results: list[dict[str, object]] = []
-        while time.monotonic() < deadline and not results:
-            time.sleep(0.5)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={query}", timeout=5) as r:
-                    results = json.load(r)["data"]["result"]
-            except (urllib.error.URLError, ConnectionError):
-                continue
-        by_category = {r["metric"]["category"]: float(r["value"][1]) for r in results}  # type: ignore[index]
-        assert by_category == {"tiktok": 7.0, "twitter": 3.0}
-        # The dashboard fills in: every panel's expression returns data from this Prometheus
-        # (the last-reload-error panel is empty while reloads succeed, as it should be).
-        time.sleep(4)  # a few more scrapes, so rates over 10s have two samples
-        empty = []
-        for expr in dashboard_expressions():
-            if "blocker_config_last_reload_error" in expr:
-                continue
-            promql = urllib.parse.quote(expr.replace("$__rate_interval", "10s").replace("$instance", ".*"))
+        def prometheus(expr: str) -> list[dict[str, object]]:
+            promql = urllib.parse.quote(expr)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={promql}", timeout=5) as r:
                 answer = json.load(r)
-            if answer["status"] != "success" or not answer["data"]["result"]:
-                empty.append(expr)
-        assert not empty, empty
+            assert answer["status"] == "success", answer
+            return answer["data"]["result"]  # type: ignore[no-any-return]
+
+        # Every series exists from the start at 0; only the blocked ones have counted.
+        results = eventually(lambda: prometheus('blocker_dns_blocked_total{job="blocker"} > 0'), 60, 0.5,
+                             "blocked queries scraped")
+        by_category = {r["metric"]["category"]: float(r["value"][1]) for r in results}  # type: ignore[index]
+        assert by_category == {"tiktok": 7.0, "twitter": 3.0}
+        zeros = prometheus('blocker_dns_blocked_total{job="blocker", group="standard"} == 0')
+        assert {r["metric"]["category"] for r in zeros} == {  # type: ignore[index]
+            "doh", "facebook", "instagram", "signal", "snapchat", "telegram", "threads", "whatsapp"}
+
+        # The dashboard fills in: every panel's expression returns data from this Prometheus once a
+        # few scrapes give rates over 10s two samples (the last-reload-error panel is empty while
+        # reloads succeed, as it should be).
+        def empty_panels() -> list[str]:
+            return [expr for expr in dashboard_expressions() if "blocker_config_last_reload_error" not in expr
+                    and not prometheus(expr.replace("$__rate_interval", "10s").replace("$instance", ".*"))]
+
+        eventually(lambda: not empty_panels(), 30, 0.5, "every dashboard panel has data")
     finally:
         process.terminate()
         process.wait(20)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from helpers import ROOT
 
-from blocker.clients import Client
+from blocker.clients import Client, identify
 from blocker.config import load_config
-from blocker.policy import Action, Policy, compile_policy, decide, identify
+from blocker.policy import Action, Policy, compile_policy, decide
 
 EXPIRES = datetime(2026, 12, 31, 23, 59, tzinfo=UTC)
 BEFORE = EXPIRES - timedelta(days=3)

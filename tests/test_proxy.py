@@ -6,6 +6,8 @@ media.whatsapp.com point at 127.0.0.1, where the origin serves HTTPS with its ow
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.server
 import os
 import socket
@@ -131,10 +133,19 @@ def start_proxy(knot: Knot, directory: Path, mode: str, extra: list[str] | None 
     return Proxy(config, directory / "mitmproxy", port, free_port(), extra or [])
 
 
+def htpasswd(directory: Path, users: list[str], password: str = "secret") -> Path:
+    """An Apache htpasswd file ({SHA} entries) giving every user the same password."""
+    digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+    path = directory / "htpasswd"
+    path.write_text("".join(f"{user}:{{SHA}}{digest}\n" for user in users))
+    return path
+
+
 @pytest.fixture(scope="module")
 def regular(knot: Knot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    proxy = start_proxy(knot, tmp_path_factory.mktemp("proxy-regular"), "regular",
-                        ["--set", "proxyauth=any"])
+    directory = tmp_path_factory.mktemp("proxy-regular")
+    users = htpasswd(directory, ["anyone", "MPS-EXEMPT"])
+    proxy = start_proxy(knot, directory, "regular", ["--set", f"proxyauth=@{users}"])
     yield proxy
     assert proxy.stop() == 0
 
@@ -214,6 +225,21 @@ def test_exempt_device_by_proxy_auth_username(regular: Proxy, origin: Origin) ->
     result = curl(*via(regular, user="MPS-EXEMPT"), "--cacert", str(origin.cert),
                   f"https://media.whatsapp.com:{origin.https_port}/")
     assert result.returncode == 0, result.stderr
+    wrong_password = curl("-x", f"http://127.0.0.1:{regular.port}", "--proxy-user", "MPS-EXEMPT:guess",
+                          "--cacert", str(origin.cert), f"https://media.whatsapp.com:{origin.https_port}/")
+    assert "response 407" in wrong_password.stderr
+
+
+def test_proxyauth_any_does_not_let_a_client_claim_a_device(knot: Knot, origin: Origin, tmp_path: Path) -> None:
+    proxy = start_proxy(knot, tmp_path, "regular", ["--set", "proxyauth=any"])
+    try:
+        claimed = curl(*via(proxy, user="MPS-EXEMPT"), "--cacert", str(origin.cert),
+                       f"https://media.whatsapp.com:{origin.https_port}/")
+        assert "CONNECT tunnel failed, response 451" in claimed.stderr
+        assert any("proxyauth=any accepts every user name" in line for line in proxy.output), proxy.output
+        assert any("proxy ready mode=regular" in line for line in proxy.output), proxy.output
+    finally:
+        proxy.stop()
 
 
 def test_cname_to_a_blocked_name_is_refused(regular: Proxy, origin: Origin) -> None:

@@ -10,10 +10,12 @@ import dns.rcode
 import pytest
 
 from blocker.cache import AnswerCache
+from blocker.clock import Clock
 from blocker.config import embedded_defaults
 from blocker.domains import RuleIndex
 from blocker.metrics import Stats
 from blocker.policy import compile_policy
+from blocker.recorder import Recorder
 from blocker.resolver import Resolver
 from blocker.upstream import Upstreams
 
@@ -28,21 +30,21 @@ class ExplodingIndex(RuleIndex):
 
 
 def test_an_exception_answers_servfail_logs_traceback_and_the_next_query_works(
-        caplog: pytest.LogCaptureFixture) -> None:
+        blocker_log: pytest.LogCaptureFixture) -> None:
     policy = compile_policy(embedded_defaults())
     index = ExplodingIndex()
     for slot in ("_exact", "_lines", "_patterns", "_shared", "rule_count"):
         setattr(index, slot, getattr(policy.lists.index, slot))
     policy = dataclasses.replace(policy, lists=dataclasses.replace(policy.lists, index=index))
     stats = Stats()
-    resolver = Resolver(policy, AnswerCache(10), Upstreams([], 1.0, stats), stats)
+    resolver = Resolver(policy, AnswerCache(10), Upstreams([], 1.0, stats), Recorder(stats, Clock()))
     query = dns.message.make_query("boom.example", "A")
-    with caplog.at_level(logging.ERROR, logger="blocker"):
+    with blocker_log.at_level(logging.ERROR, logger="blocker"):
         reply = resolver.handle(query.to_wire(), "127.0.0.1", "udp")
     assert isinstance(reply, bytes)
     response = dns.message.from_wire(reply)
     assert response.id == query.id and response.rcode() == dns.rcode.SERVFAIL
-    assert "injected fault" in caplog.text and "Traceback" in caplog.text
+    assert "injected fault" in blocker_log.text and "Traceback" in blocker_log.text
     assert stats.internal_errors == 1
     blocked = resolver.handle(dns.message.make_query("www.tiktok.com", "A").to_wire(), "127.0.0.1", "udp")
     assert isinstance(blocked, bytes) and dns.message.from_wire(blocked).rcode() == dns.rcode.NXDOMAIN

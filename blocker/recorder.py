@@ -1,0 +1,64 @@
+"""Recording answered queries: the metrics (Stats) and the query log, in one place.
+
+Every query is recorded exactly once, after its answer is known, from the labels the answer
+carries (action, category, group); nothing here decides anything again.
+"""
+
+from __future__ import annotations
+
+import time
+
+from blocker.clients import Client
+from blocker.clock import Clock
+from blocker.memo import MemoHit
+from blocker.metrics import Stats
+from blocker.policy import Action
+from blocker.querylog import QueryLog
+
+_LOGGED_WHEN_ONLY_BLOCKED = (Action.BLOCKED, Action.EXEMPTED)
+
+
+class Recorder:
+    """Counts every answered query and writes it to the query log (when one is configured)."""
+
+    def __init__(self, stats: Stats, clock: Clock, querylog: QueryLog | None = None) -> None:
+        self.stats = stats
+        self.clock = clock
+        self.querylog = querylog
+        self.version = ""  # the running policy's version, for the query log
+
+    def answered(self, transport: str, address: str, client: Client | None, qname: str, qtype: int,
+                 action: Action, category: str | None, categories: tuple[str, ...], exemption: str | None,
+                 reply: bytes, started: float) -> bytes:
+        """One query answered as `action`; returns its reply."""
+        group = client.group if client is not None else ""
+        self.stats.answered(transport, action, category, group, time.perf_counter() - started)
+        if self.querylog is not None:
+            self._log(address, client, qname, qtype, action, categories, exemption, reply, started)
+        return reply
+
+    def unreadable(self, transport: str, started: float, malformed: bool) -> None:
+        """A packet answered FORMERR, NOTIMP or BADVERS (counted as an error; not in the query log)."""
+        if malformed:
+            self.stats.bad_packet(transport)
+        self.stats.answered(transport, Action.ERROR, None, "", time.perf_counter() - started)
+
+    def memo_hit(self, address: str, client: Client, hit: MemoHit, reply: bytes, started: float) -> bytes:
+        """A remembered answer served again: its metric cells were bound when it was remembered."""
+        hit.counter[0] += 1
+        if hit.blocked_counter is not None:
+            hit.blocked_counter[0] += 1
+        self.stats.duration.observe(time.perf_counter() - started)
+        if self.querylog is not None:
+            self._log(address, client, hit.qname, hit.qtype, hit.action, hit.categories, None, reply, started)
+        return reply
+
+    def _log(self, address: str, client: Client | None, qname: str, qtype: int, action: Action,
+             categories: tuple[str, ...], exemption: str | None, reply: bytes, started: float) -> None:
+        querylog = self.querylog
+        assert querylog is not None
+        if querylog.only_blocked and action not in _LOGGED_WHEN_ONLY_BLOCKED:
+            return
+        querylog.put((self.clock.time(), address, client.device if client else None, qname, qtype, action, categories,
+                      client.group if client else "", exemption, self.version,
+                      time.perf_counter() - started, reply[3] & 0xF))

@@ -1,0 +1,127 @@
+"""Where the running policy comes from: load, file signature, watch, and swap — for the daemon and the proxy.
+
+`PolicySource` owns the one reload path. A reload reads and compiles off the event loop, and is
+swapped in by the owner's `on_loaded` callback only when it is whole; a broken config or list
+goes to `on_rejected` with every FILE:LINE problem and the running policy keeps serving.
+Reload requests that arrive while one runs are coalesced into one more run. When no list file
+changed, the compiled lists are reused, so an edit of devices or exemptions does not recompile a
+million-rule index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from blocker.blocklists import Blocklists
+from blocker.errors import ConfigError
+from blocker.policy import Policy, load_policy
+
+log = logging.getLogger("blocker")
+
+POLL_SECONDS = 1.0
+Signature = tuple[object, ...]
+
+
+class PolicySource:
+    """The config file (or embedded defaults) and the policy compiled from it."""
+
+    def __init__(self, config_path: Path | None, policy: Policy,
+                 on_loaded: Callable[[Policy, str, float], None],
+                 on_rejected: Callable[[ConfigError | Exception, str], None]) -> None:
+        self.config_path = config_path
+        self.policy = policy
+        self._on_loaded = on_loaded
+        self._on_rejected = on_rejected
+        self._signature = file_signature(policy, config_path)
+        self._lists_signature = lists_signature(policy.lists)
+        self._running: asyncio.Task[bool] | None = None
+        self._again = False
+
+    @staticmethod
+    def load(config_path: Path | None) -> Policy:
+        """The first load, synchronous (before anything serves); raises ConfigError."""
+        return load_policy(config_path)
+
+    def changed(self) -> bool:
+        """Whether any file of the policy changed since the last load attempt."""
+        return file_signature(self.policy, self.config_path) != self._signature
+
+    async def reload(self, why: str) -> bool:
+        """Load again; requests during a running reload are coalesced into one more run after it."""
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._settle(why))
+        else:
+            self._again = True
+        return await asyncio.shield(self._running)
+
+    async def _settle(self, why: str) -> bool:
+        ok = await self._reload_once(why)
+        while self._again:
+            self._again = False
+            ok = await self._reload_once(f"{why}, coalesced")
+        return ok
+
+    async def _reload_once(self, why: str) -> bool:
+        started = time.perf_counter()
+        # Taken before reading, so a change made during the load is seen by the next poll.
+        signature = file_signature(self.policy, self.config_path)
+        reuse = self.policy.lists if lists_signature(self.policy.lists) == self._lists_signature else None
+        loop = asyncio.get_running_loop()
+        try:
+            policy = await loop.run_in_executor(None, _load, self.config_path, reuse)
+        except Exception as err:  # ConfigError, or a bug: either way the running policy stays
+            self._signature = signature
+            self._on_rejected(err, why)
+            return False
+        self.policy = policy
+        self._signature = file_signature(policy, self.config_path)
+        self._lists_signature = lists_signature(policy.lists)
+        self._on_loaded(policy, why, (time.perf_counter() - started) * 1000)
+        return True
+
+    async def watch(self, tick: Callable[[], None] | None = None) -> None:
+        """Poll the files every second (a Kubernetes ConfigMap swaps a symlink: no inotify event)
+        and reload on a change; `tick` runs on every poll (the daemon's exemption transitions)."""
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            if tick is not None:
+                tick()
+            if self.changed():
+                await self.reload("file change")
+
+
+def _load(config_path: Path | None, lists: Blocklists | None) -> Policy:
+    return load_policy(config_path, lists)
+
+
+def _stats(paths: list[Path]) -> tuple[object, ...]:
+    stats: list[object] = []
+    for path in paths:
+        try:
+            st = path.stat()
+            stats.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            stats.append((str(path), None))
+    return tuple(stats)
+
+
+def _listing(folder: Path) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(p.name for p in folder.glob("*.yaml")))
+    except OSError:
+        return ()
+
+
+def lists_signature(lists: Blocklists) -> Signature:
+    """What changes when a list file, an included file or the set of list files changes."""
+    return (_listing(lists.folder), _stats(list(lists.files)))
+
+
+def file_signature(policy: Policy, config_path: Path | None = None) -> Signature:
+    """What changes when any file of the policy changes (content, symlink target, new list files)."""
+    source = config_path or policy.config.source
+    return (lists_signature(policy.lists), _stats([source] if source is not None else []))
