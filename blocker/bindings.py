@@ -65,7 +65,8 @@ class Binding:
         return f"Binding({format_network(self.network)} -> {self.device} via {self.gateway}, since {self.since:.0f})"
 
 
-Listener = Callable[[str, Binding, bool], None]  # ("bind" | "unbind", binding, learned here rather than mirrored)
+# ("bind" | "unbind" | "expire", binding, learned here rather than mirrored or expired)
+Listener = Callable[[str, Binding, bool], None]
 
 
 class BindingTable:
@@ -163,17 +164,18 @@ class BindingTable:
         if not force and now - self._last_full_sweep < 1.0:
             return 0
         self._last_full_sweep = now
-        removed = 0
+        gone: list[Binding] = []
         for table in self._tables.values():
-            dead = [start for start, binding in table.items() if binding.expires <= now]
-            for start in dead:
-                del table[start]
-            removed += len(dead)
-        if removed:
-            self._size -= removed
-            self.expired_total += removed
-            self.version += 1
-        return removed
+            dead = [binding for binding in table.values() if binding.expires <= now]
+            for binding in dead:
+                del table[binding.network[1]]
+            gone.extend(dead)
+        if gone:
+            self._size -= len(gone)
+            self.expired_total += len(gone)
+            for binding in gone:
+                self._changed("expire", binding, False)
+        return len(gone)
 
     def bindings(self) -> Iterator[Binding]:
         for table in list(self._tables.values()):

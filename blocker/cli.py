@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -68,9 +69,15 @@ def run_check(args: argparse.Namespace) -> int:
         if device is None:
             print(f"blocker check: unknown device '{args.device}'", file=sys.stderr)
             return 2
-        client = Client(str(device.addresses[0].network_address), device.id, device.group, True)
+        addresses = policy.inventory.addresses_of(device)
+        client = Client(addresses[0] if addresses else "-", device.id, device.group, True, "inventory", device.where)
     elif args.client:
-        client = identify(policy, args.client)
+        from blocker.identity import bindings_for_check
+
+        bindings, where = bindings_for_check(policy.config.identity)
+        client = identify(policy, args.client, bindings=bindings)
+        if client.origin == "binding":
+            client = replace(client, detail=f"{client.detail} ({where})")
         if client.address == args.client and not _is_ip(args.client):
             print(f"blocker check: '{args.client}' is not an IP address", file=sys.stderr)
             return 2
@@ -102,6 +109,7 @@ def _report(policy: Policy, client: Client, qname: str, decision: Decision) -> d
         "action": decision.action.value,
         "client": client.address,
         "device": client.device,
+        "identity": {"origin": client.origin, "detail": client.detail},
         "group": decision.group,
         "category": decision.category,
         "categories": sorted(decision.categories),
@@ -139,6 +147,10 @@ def _report(policy: Policy, client: Client, qname: str, decision: Decision) -> d
 def _print_report(report: dict[str, object]) -> None:
     print(f"{report['domain']}: {str(report['action']).upper()}")
     print(f"  client:   {report['client']}  device: {report['device'] or '-'}  group: {report['group']}")
+    identity = report["identity"]
+    assert isinstance(identity, dict)
+    origin = {"binding": "binding from", "inventory": "inventory", "default": "default group (no binding, no device)"}
+    print(f"  identity: {origin[identity['origin']]} {identity['detail']}".rstrip())
     if report["categories"]:
         print(f"  category: {report['category'] or '-'}  (name is in: {', '.join(report['categories'])})")  # type: ignore[arg-type]
     rule = report["rule"]

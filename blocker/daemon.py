@@ -24,6 +24,7 @@ from blocker.cache import AnswerCache
 from blocker.clock import Clock
 from blocker.errors import ConfigError
 from blocker.httpd import OpsServer
+from blocker.identity import IdentityCollector, IdentityService
 from blocker.metrics import Gauges, Stats, make_registry
 from blocker.policy import Policy
 from blocker.querylog import QueryLog
@@ -79,7 +80,10 @@ class Daemon:
         self.cache = AnswerCache(dns.cache_size)
         self.upstreams = follow_config(None, dns, self.stats)
         self.recorder = Recorder(self.stats, self.clock)
-        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock)
+        identity = policy.config.identity
+        self.identity = IdentityService(identity, self.clock.time) if IdentityService.wanted(identity) else None
+        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock,
+                                 self.identity.table if self.identity else None)
         self.listeners = Listeners(self.resolver)
         self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
         self.audit = ExemptionAudit()
@@ -98,8 +102,10 @@ class Daemon:
         if not config.dns.upstreams:
             log.warning("no upstream servers configured or found in /etc/resolv.conf: "
                         "allowed names will get SERVFAIL")
-        if not await self._listen():
+        if not await self._listen() or not await self._start_identity():
             await self.listeners.close(0)
+            if self.ops is not None:
+                self.ops.stop()
             return 2
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload("SIGHUP")))
@@ -118,6 +124,8 @@ class Daemon:
         self.ready = False
         watcher.cancel()
         await self.listeners.close(DRAIN_SECONDS)
+        if self.identity is not None:
+            await self.identity.stop()
         if self.ops is not None:
             self.ops.stop()
         self.upstreams.close()
@@ -139,12 +147,32 @@ class Daemon:
         if config.metrics.listen is not None:
             gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog)
             try:
-                self.ops = OpsServer(*config.metrics.listen, make_registry(self.stats, gauges), lambda: self.ready)
+                extra = [IdentityCollector(self.identity)] if self.identity is not None else []
+                self.ops = OpsServer(*config.metrics.listen, make_registry(self.stats, gauges, *extra),
+                                     lambda: self.ready)
             except OSError as err:
                 log.error("%s", bind_error("for metrics (http)", format_endpoint(*config.metrics.listen), err))
                 return False
             self.ops.start()
             log.info("listening metrics=http://%s/metrics", format_endpoint(*self.ops.address))
+        return True
+
+    async def _start_identity(self) -> bool:
+        """Restore bindings, bind the RADIUS accounting port, start the store mirror; False (logged) on failure."""
+        if self.identity is None:
+            return True
+        radius = self.policy.config.identity.radius_accounting
+        try:
+            await self.identity.start()
+        except ConfigError as err:
+            log_problems("cannot start", err)
+            return False
+        except OSError as err:
+            assert radius is not None
+            log.error("%s", bind_error("for RADIUS accounting (udp)", format_endpoint(*radius.listen), err))
+            return False
+        if self.identity.radius_address is not None:
+            log.info("listening radius=%s (udp)", format_endpoint(*self.identity.radius_address))
         return True
 
     def _configure_querylog(self, policy: Policy) -> None:
@@ -204,6 +232,9 @@ class Daemon:
         self.cache.size = new.dns.cache_size
         if new.dns.listen != old.dns.listen or new.metrics.listen != old.metrics.listen:
             log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
+        if new.identity != old.identity:
+            log.warning("identity changed: restart blocker to apply (bindings, accounting and store keep running "
+                        "as they started)")
         self.stats.prepare(policy.group_order, policy.lists.categories)
         self.resolver.swap(policy)
         self._configure_querylog(policy)

@@ -208,7 +208,7 @@ def _load(paths: Sequence[Path], groups: Collection[str], inline: Iterable[Devic
             loader.read_csv(path)
     if loader.problems:
         raise ConfigError(loader.problems)
-    warnings = loader.overlaps()
+    warnings = loader.duplicates[:MAX_OVERLAP_WARNINGS] + loader.overlaps()
     loader._strings.clear()
     return Inventory(loader.devices, loader.table, tuple(paths), tuple(warnings))
 
@@ -219,6 +219,7 @@ class _Loader:
         self.devices: dict[str, InventoryDevice] = {}
         self.table: AddressTable[InventoryDevice] = AddressTable()
         self.problems: list[Problem] = []
+        self.duplicates: list[Problem] = []  # one address given to two devices: a warning, like an overlap
         self._strings: dict[str, str] = {}  # repeated attribute values (phone model, OS) stored once
 
     def add(self, device_id: str, group: str, networks: tuple[Network, ...], file: str, line: int,
@@ -236,8 +237,9 @@ class _Loader:
         for network in networks:
             held = self.table.add(network, device)
             if held is not None and held is not device:
-                self.problems.append(Problem(file, line, f"device '{device_id}': address {format_network(network)} "
-                                                         f"is already device '{held.id}' at {held.where}"))
+                self.duplicates.append(Problem(file, line, f"device '{device_id}' address {format_network(network)} "
+                                                           f"is already device '{held.id}' at {held.where} "
+                                                           "(the first listed keeps it)"))
 
     def read_csv(self, path: Path) -> None:
         file = str(path)

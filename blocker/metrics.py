@@ -83,6 +83,7 @@ class Stats:
         self.last_reload_success = 0.0
         self.tcp_connections = 0
         self.internal_errors = 0
+        self.unidentified_vpn = 0  # queries from inside identity.vpn_networks with no binding and no device
         self.last_reload_error: tuple[str, int, str] | None = None  # (file, line, message) while failing
         for transport in TRANSPORTS:
             for action in ACTIONS:
@@ -209,6 +210,9 @@ def dns_families(stats: Stats) -> Iterator[object]:
     yield family
     yield _counter("blocker_dns_internal_errors", "Queries answered SERVFAIL because handling them raised an error.",
                    stats.internal_errors)
+    yield _counter("blocker_dns_unidentified_vpn_queries",
+                   "Queries from inside identity.vpn_networks that no binding and no inventory device identified.",
+                   stats.unidentified_vpn)
     histogram = HistogramMetricFamily("blocker_dns_request_duration_seconds",
                                       "Time from receiving a query to sending its answer.")
     histogram.add_metric([], stats.duration.buckets(), stats.duration.sum)
@@ -288,9 +292,11 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return family
 
 
-def make_registry(stats: Stats, gauges: Gauges) -> CollectorRegistry:
+def make_registry(stats: Stats, gauges: Gauges, *extra: Collector) -> CollectorRegistry:
     """A registry of blocker's own metrics plus the standard `process_*` ones (memory, CPU, fds)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BlockerCollector(stats, gauges))
+    for collector in extra:
+        registry.register(collector)
     ProcessCollector(registry=registry)
     return registry

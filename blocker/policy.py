@@ -8,17 +8,17 @@ and line for `blocker check`. No DNS wire format and no I/O on the decision path
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
 from blocker.blocklists import Blocklists, find_line, load_blocklists
-from blocker.clients import Client, NetworkTable
-from blocker.config import Config, Device, Exemption
+from blocker.clients import Client
+from blocker.config import Config, Exemption, IPNetwork
 from blocker.domains import Match, is_valid_name, normalize
 from blocker.errors import ConfigError, Problem
+from blocker.inventory import AddressTable, Inventory, InventoryDevice, load_inventory, parse_address
 
 # Firefox's DoH canary and Apple's iCloud Private Relay: NXDOMAIN switches the bypass off.
 CANARY_NAMES = frozenset({"use-application-dns.net", "mask.icloud.com", "mask-h2.icloud.com"})
@@ -58,10 +58,11 @@ class Policy:
     version: str
     group_blocks: dict[str, frozenset[str]]
     group_order: dict[str, tuple[str, ...]]
-    devices: dict[str, Device]
-    device_table: NetworkTable[Device]
-    allow_table: NetworkTable[bool]
-    trusted_table: NetworkTable[bool]
+    devices: dict[str, InventoryDevice]  # the inventory's and policy.devices', by id
+    inventory: Inventory
+    allow_table: AddressTable[bool]
+    trusted_table: AddressTable[bool]
+    vpn_table: AddressTable[bool]
     exemptions: dict[str, tuple[Exemption, ...]]
     warnings: tuple[Problem, ...]
 
@@ -74,10 +75,8 @@ class Policy:
 
     def is_trusted(self, address: str) -> bool:
         """Whether a source is a trusted forwarder (its ECS option names the real client)."""
-        try:
-            return self.trusted_table.lookup(ipaddress.ip_address(address.split("%", 1)[0])) is not None
-        except ValueError:
-            return False
+        source = parse_address(address)
+        return source is not None and self.trusted_table.lookup(*source) is not None
 
     def explain(self, qname: str) -> Match:
         """The matching rule with its file and line (slow path: may read a list file)."""
@@ -106,37 +105,41 @@ def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
             if category not in known:
                 problems.append(Problem(source, exemption.line,
                                         f"exemption {exemption.reference} allows unknown category '{category}'"))
+    try:
+        inventory = load_inventory(config.policy.inventory, config.policy.groups, config.policy.devices, source)
+    except ConfigError as err:
+        problems.extend(err.problems)
     if problems:
         raise ConfigError(problems)
-    devices = {device.id: device for device in config.policy.devices}
-    warnings: list[Problem] = []
+    devices = inventory.devices
+    warnings: list[Problem] = list(inventory.warnings)
     exemptions: dict[str, list[Exemption]] = {}
     for exemption in config.policy.exemptions:
         if exemption.device not in devices:
             warnings.append(Problem(source, exemption.line,
                                     f"exemption {exemption.reference} names unknown device '{exemption.device}'"))
         exemptions.setdefault(exemption.device, []).append(exemption)
-    device_table = NetworkTable((network, device) for device in config.policy.devices
-                                for network in device.addresses)
-    for network in device_table.duplicates:
-        warnings.append(Problem(source, config.lines.get("policy", 1),
-                                f"device address {network} is given to two devices (the first listed keeps it)"))
-    for outer, inner in device_table.overlaps():
-        warnings.append(Problem(source, config.lines.get("policy", 1),
-                                f"device addresses overlap: {inner} lies inside {outer} (the narrower wins)"))
     return Policy(
         config=config,
         lists=lists,
-        version=policy_version(config, lists.files),
+        version=policy_version(config, lists.files + inventory.files),
         group_blocks={name: frozenset(g.block) for name, g in config.policy.groups.items()},
         group_order={name: g.block for name, g in config.policy.groups.items()},
         devices=devices,
-        device_table=device_table,
-        allow_table=NetworkTable((network, True) for network in config.dns.allow_networks),
-        trusted_table=NetworkTable((network, True) for network in config.dns.trusted_forwarders),
+        inventory=inventory,
+        allow_table=_table(config.dns.allow_networks),
+        trusted_table=_table(config.dns.trusted_forwarders),
+        vpn_table=_table(config.identity.vpn_networks),
         exemptions={device: tuple(sorted(items, key=lambda e: e.expires)) for device, items in exemptions.items()},
         warnings=tuple(warnings),
     )
+
+
+def _table(networks: tuple[IPNetwork, ...]) -> AddressTable[bool]:
+    table: AddressTable[bool] = AddressTable()
+    for network in networks:
+        table.add((network.version, int(network.network_address), network.prefixlen), True)
+    return table
 
 
 def policy_version(config: Config, files: tuple[Path, ...]) -> str:

@@ -20,8 +20,8 @@ log = logging.getLogger("blocker")
 
 CAPACITY = 50_000
 # (time, client address, device, name, qtype, action, categories, group, exemption reference,
-#  policy version, latency seconds, rcode)
-Entry = tuple[float, str, str | None, str, int, str, tuple[str, ...], str, str | None, str, float, int]
+#  policy version, latency seconds, rcode, identity origin, identity detail)
+Entry = tuple[float, str, str | None, str, int, str, tuple[str, ...], str, str | None, str, float, int, str, str]
 
 
 class QueryLog:
@@ -97,11 +97,14 @@ class QueryLog:
 
 
 def format_entry(entry: Entry) -> str:
-    (when, address, device, name, qtype, action, categories, group, reference, version, latency, rcode) = entry
+    (when, address, device, name, qtype, action, categories, group, reference, version, latency, rcode, origin,
+     detail) = entry
     record = {
         "time": datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "client": address,
         "device": device,
+        "identity": origin,  # binding (from RADIUS accounting), inventory, or default
+        "identity_source": detail or None,  # the gateway and since when, or the inventory FILE:LINE
         "name": name,
         "type": dnslib.QTYPE.get(qtype, f"TYPE{qtype}"),
         "action": action,

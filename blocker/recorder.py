@@ -33,6 +33,8 @@ class Recorder:
         """One query answered as `action`; returns its reply."""
         group = client.group if client is not None else ""
         self.stats.answered(transport, action, category, group, time.perf_counter() - started)
+        if client is not None and client.unidentified_vpn:
+            self.stats.unidentified_vpn += 1
         if self.querylog is not None:
             self._log(address, client, qname, qtype, action, categories, exemption, reply, started)
         return reply
@@ -48,6 +50,8 @@ class Recorder:
         hit.counter[0] += 1
         if hit.blocked_counter is not None:
             hit.blocked_counter[0] += 1
+        if client.unidentified_vpn:
+            self.stats.unidentified_vpn += 1
         self.stats.duration.observe(time.perf_counter() - started)
         if self.querylog is not None:
             self._log(address, client, hit.qname, hit.qtype, hit.action, hit.categories, None, reply, started)
@@ -61,4 +65,5 @@ class Recorder:
             return
         querylog.put((self.clock.time(), address, client.device if client else None, qname, qtype, action, categories,
                       client.group if client else "", exemption, self.version,
-                      time.perf_counter() - started, reply[3] & 0xF))
+                      time.perf_counter() - started, reply[3] & 0xF, client.origin if client else "default",
+                      client.detail if client else ""))
