@@ -97,7 +97,8 @@ def test_duplicate_across_files_and_inline(tmp_path: Path) -> None:
     second.write_text("devices:\n  - {id: MPS-2, group: standard, addresses: [10.8.0.1]}\n")
     inventory = load_inventory([first, second], GROUPS)
     assert [str(w) for w in inventory.warnings] == [
-        f"{second}:2: device 'MPS-2' address 10.8.0.1 is already device 'MPS-1' at {first}:2 (the first listed keeps it)"]
+        f"{second}:2: device 'MPS-2' address 10.8.0.1 is already device 'MPS-1' at {first}:2 "
+        "(the first listed keeps it)"]
 
 
 def test_overlaps_are_warnings_with_both_lines(tmp_path: Path) -> None:
