@@ -110,7 +110,10 @@ def test_kubernetes_resources_fit_together(rendered: list[dict[str, object]]) ->
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert all("subPath" not in mount for mount in container["volumeMounts"])  # subPath mounts never update
     ports = {(p["port"], p["protocol"]) for p in service["spec"]["ports"]}
-    assert {(53, "UDP"), (53, "TCP")} <= ports
+    assert {(53, "UDP"), (53, "TCP"), (1813, "UDP")} <= ports
+    # The handset's source address must reach the pod: kube-proxy's default (Cluster) SNATs it away.
+    assert service["spec"]["externalTrafficPolicy"] == "Local"
+    assert service["spec"]["type"] in ("LoadBalancer", "NodePort")
     labels = service["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
@@ -118,7 +121,10 @@ def test_kubernetes_resources_fit_together(rendered: list[dict[str, object]]) ->
     assert {p["protocol"] for p in ingress[0]["ports"]} == {"UDP", "TCP"}
     assert ingress[1]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     by_name = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "ConfigMap"}  # type: ignore[index]
-    assert set(by_name) == {"blocker-config", "blocker-lists"}  # fixed names: updated in place, reloaded live
+    # Fixed names: updated in place, reloaded live; the inventory apart (30,000+ devices need their own 1 MiB).
+    assert set(by_name) == {"blocker-config", "blocker-lists", "blocker-inventory"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["inventory"] == "/etc/blocker/inventory"
 
 
 def test_kubernetes_configmaps_hold_every_list_and_validate(rendered: list[dict[str, object]],
@@ -126,7 +132,7 @@ def test_kubernetes_configmaps_hold_every_list_and_validate(rendered: list[dict[
     maps = {d["metadata"]["name"]: d["data"] for d in rendered if d["kind"] == "ConfigMap"}  # type: ignore[index]
     assert set(maps["blocker-lists"]) == {p.name for p in (ROOT / "blocklists").glob("*.yaml")}
     # Lay the ConfigMaps out as the Deployment mounts them, and validate.
-    for name, folder in (("blocker-config", "config"), ("blocker-lists", "lists")):
+    for name, folder in (("blocker-config", "config"), ("blocker-lists", "lists"), ("blocker-inventory", "inventory")):
         directory = tmp_path / "etc" / "blocker" / folder
         directory.mkdir(parents=True)
         for file, content in maps[name].items():  # type: ignore[attr-defined]
