@@ -97,7 +97,11 @@ def test_snapshot_survives_restart_and_corruption_is_not_fatal(tmp_path: Path) -
     try:
         server.wait_for_log("3 bindings restored")
         assert radclient(server.port, start("MPS-1", "10.8.0.2", "Stop"))
-        assert ops(server, 1) == [("unbind", "10.8.0.2", "MPS-1")]
+        events = ops(server, 4)
+        assert sorted(events[:3]) == [("bind", "10.8.0.2", "MPS-1"), ("bind", "10.8.0.6", "MPS-6"),
+                                      ("bind", "2001:db8:6::/64", "MPS-6")]  # restored (not learned: local false)
+        assert not any(e["local"] for e in server.events[:3])
+        assert events[3:] == [("unbind", "10.8.0.2", "MPS-1")]
     finally:
         server.stop()
     (tmp_path / "bindings.json").write_text('{"format": "blocker-bindings", "bindings": [1, 2')

@@ -1,0 +1,175 @@
+"""The cost of knowing who is asking: CPU per query on the 80/20 mix with and without 100,000
+inventory devices and 100,000 RADIUS bindings, plus the inventory's load time and memory.
+
+dnsperf sends from one source address, which would hide identification behind the memo, so this
+drives the resolver's own `handle()` in process from 100,000 source addresses, against a real Knot
+upstream (allowed names are forwarded once, then cached). Binding churn is included: one binding
+changes every CHURN_EVERY queries (an interim with a new device), so the memo keeps forgetting.
+
+    python3 bench/identity.py [--queries 400000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import dnslib  # noqa: E402
+from helpers import free_port, wait_for_dns  # noqa: E402
+
+from blocker.bindings import BindingTable  # noqa: E402
+from blocker.cache import AnswerCache  # noqa: E402
+from blocker.clock import Clock  # noqa: E402
+from blocker.inventory import load_inventory, parse_network  # noqa: E402
+from blocker.metrics import Stats  # noqa: E402
+from blocker.policy import load_policy  # noqa: E402
+from blocker.recorder import Recorder  # noqa: E402
+from blocker.resolver import Resolver  # noqa: E402
+from blocker.upstream import follow_config  # noqa: E402
+
+DEVICES = 100_000
+ALLOWED = 2000
+CHURN_EVERY = 500
+
+
+def address(i: int) -> str:
+    return f"10.{8 + i // 65536}.{i // 256 % 256}.{i % 256}"
+
+
+def start_knot(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    zone = workdir / "bench.test.zone"
+    records = "\n".join(f"a{i} 3600 IN A 192.0.2.{i % 250 + 1}" for i in range(ALLOWED))
+    zone.write_text("$ORIGIN bench.test.\n$TTL 3600\n@ IN SOA ns h 1 3600 600 86400 3600\n@ IN NS ns\n"
+                    f"ns IN A 127.0.0.1\n{records}\n")
+    port = free_port()
+    conf = workdir / "knot.conf"
+    conf.write_text(f"server:\n  rundir: \"{workdir}\"\n  listen: 127.0.0.1@{port}\n"
+                    f"database:\n  storage: \"{workdir}/knotdb\"\nlog:\n  - target: stderr\n    any: error\n"
+                    f"template:\n  - id: default\n    storage: \"{workdir}\"\n    file: \"%s.zone\"\n"
+                    "zone:\n  - domain: bench.test\n")
+    knotd = shutil.which("knotd") or "/usr/sbin/knotd"
+    process = subprocess.Popen([knotd, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    wait_for_dns(port, "bench.test")
+    return process, port
+
+
+def write_config(workdir: Path, port: int, inventory: bool) -> Path:
+    config = workdir / ("with.yaml" if inventory else "without.yaml")
+    config.write_text(f"dns:\n  listen: [\"127.0.0.1:0\"]\n  upstreams: [\"127.0.0.1:{port}\"]\n"
+                      f"  allow_networks: [\"10.0.0.0/8\"]\nblocklists: \"{ROOT / 'blocklists'}\"\n"
+                      + ("policy:\n  inventory: [devices.csv]\n" if inventory else ""))
+    return config
+
+
+def queries(rng: random.Random, count: int) -> list[tuple[bytes, str]]:
+    blocked = ["www.tiktok.com", "www.facebook.com", "api.twitter.com", "www.instagram.com", "web.whatsapp.com",
+               "m.snapchat.com", "edge1.threads.net", "t.me", "signal.org", "dns.google"]
+    packets_allowed = [dnslib.DNSRecord.question(f"a{i}.bench.test", "A").pack() for i in range(ALLOWED)]
+    packets_blocked = [dnslib.DNSRecord.question(name, "A").pack() for name in blocked]
+    out = []
+    for i in range(count):
+        data = rng.choice(packets_blocked) if i % 5 == 0 else rng.choice(packets_allowed)
+        out.append((rng.randbytes(2) + data[2:], address(rng.randrange(DEVICES))))
+    return out
+
+
+async def run(resolver: Resolver, stream: list[tuple[bytes, str]], bindings: BindingTable | None,
+              rng: random.Random) -> float:
+    """CPU seconds per query over the stream (coroutines, i.e. cache misses, are awaited)."""
+    gc.collect()
+    started = time.process_time()
+    for n, (data, source) in enumerate(stream):
+        reply = resolver.handle(data, source, "udp")
+        if reply is not None and not isinstance(reply, bytes):
+            await reply
+        if bindings is not None and n % CHURN_EVERY == 0:
+            i = rng.randrange(DEVICES // 2, DEVICES)
+            bindings.bind(parse_network(address(i)), f"MPS-{rng.randrange(DEVICES):06d}", "gw", time.time(),  # type: ignore[arg-type]
+                          time.time() + 3600)
+    return (time.process_time() - started) / len(stream)
+
+
+async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    knot, port = start_knot(workdir)
+    try:
+        # Half the devices have a static address, the other half are known only by a binding.
+        with (workdir / "devices.csv").open("w") as out:
+            out.write("id,group,addresses,model\n")
+            for i in range(DEVICES):
+                out.write(f"MPS-{i:06d},standard,{address(i) if i < DEVICES // 2 else ''},Pixel 8\n")
+        gc.collect()
+        load_cpu = []
+        for _ in range(3):
+            started = time.process_time()
+            load_inventory([workdir / "devices.csv"], ["standard", "comms-team"])
+            load_cpu.append(time.process_time() - started)
+        tracemalloc.start()
+        inventory = load_inventory([workdir / "devices.csv"], ["standard", "comms-team"])
+        memory = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del inventory
+        results: dict[str, object] = {
+            "inventory_devices": DEVICES,
+            "inventory_load_cpu_seconds": round(min(load_cpu), 3),
+            "inventory_memory_mb": round(memory / 1e6, 1),
+        }
+        rng = random.Random(11)
+        stream = queries(rng, args.queries)
+        warm = queries(random.Random(12), min(args.queries, 200_000))
+        for label, with_identity in (("without", False), ("with", True), ("without_again", False),
+                                     ("with_again", True)):
+            policy = load_policy(write_config(workdir, port, with_identity))
+            bindings = None
+            if with_identity:
+                bindings = BindingTable(capacity=DEVICES * 2)
+                now = time.time()
+                for i in range(DEVICES // 2, DEVICES):
+                    bindings.bind(parse_network(address(i)), f"MPS-{i:06d}", "gw", now, now + 3600)  # type: ignore[arg-type]
+                for i in range(DEVICES // 2):  # 50,000 more bindings elsewhere: 100,000 in the table
+                    bindings.bind(parse_network(f"10.200.{i // 256 % 256}.{i % 256}" if i < 65536
+                                                else f"10.201.{i // 256 % 256}.{i % 256}"),  # type: ignore[arg-type]
+                                  f"MPS-{i:06d}", "gw", now, now + 3600)
+            stats = Stats()
+            clock = Clock()
+            resolver = Resolver(policy, AnswerCache(100_000), follow_config(None, policy.config.dns, stats),
+                                Recorder(stats, clock), clock, bindings)
+            await run(resolver, warm, bindings, random.Random(13))
+            per_query = await run(resolver, stream, bindings, random.Random(14))
+            results[f"cpu_us_per_query_{label}"] = round(per_query * 1e6, 2)
+            if bindings is not None:
+                results["bindings"] = len(bindings)
+            resolver.upstreams.close()
+        base = min(results["cpu_us_per_query_without"], results["cpu_us_per_query_without_again"])  # type: ignore[type-var]
+        loaded = min(results["cpu_us_per_query_with"], results["cpu_us_per_query_with_again"])  # type: ignore[type-var]
+        results["increase_percent"] = round((loaded / base - 1) * 100, 1)  # type: ignore[operator]
+        return results
+    finally:
+        knot.terminate()
+        knot.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=400_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="blocker-identity-bench-") as tmp:
+        results = asyncio.run(measure(args, Path(tmp)))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
