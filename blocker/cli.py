@@ -70,14 +70,15 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"blocker check: unknown device '{args.device}'", file=sys.stderr)
             return 2
         addresses = policy.inventory.addresses_of(device)
-        client = Client(addresses[0] if addresses else "-", device.id, device.group, True, "inventory", device.where)
+        client = Client(addresses[0] if addresses else "-", device.id, device.group, True, "inventory", device)
     elif args.client:
         from blocker.identity import bindings_for_check
 
         bindings, where = bindings_for_check(policy.config.identity)
         client = identify(policy, args.client, bindings=bindings)
         if client.origin == "binding":
-            client = replace(client, detail=f"{client.detail} ({where})")
+            known = "" if client.device in policy.devices else "; device not in the inventory"
+            client = replace(client, note=f"{where}{known}")
         if client.address == args.client and not _is_ip(args.client):
             print(f"blocker check: '{args.client}' is not an IP address", file=sys.stderr)
             return 2

@@ -30,9 +30,23 @@ class Client:
     device: str | None
     group: str
     allowed: bool
-    origin: str = "default"  # where the identity came from: binding, inventory or default
-    detail: str = ""  # binding: "gateway G since T"; inventory: FILE:LINE
+    origin: str = "default"  # where the identity came from: binding, inventory, proxyauth or default
+    # The Binding or InventoryDevice it came from (formatted only when shown: `detail`).
+    evidence: object = None
     unidentified_vpn: bool = False  # inside identity.vpn_networks, yet no binding and no device
+    note: str = ""  # appended to `detail` (e.g. where `blocker check` read the bindings)
+
+    @property
+    def detail(self) -> str:
+        """Binding: "gateway G since T"; inventory: FILE:LINE; default: empty."""
+        evidence = self.evidence
+        text = ""
+        if self.origin == "binding" and evidence is not None:
+            since = datetime.fromtimestamp(evidence.since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")  # type: ignore[attr-defined]
+            text = f"gateway {evidence.gateway} since {since}"  # type: ignore[attr-defined]
+        elif evidence is not None:
+            text = evidence.where  # type: ignore[attr-defined]
+        return f"{text} ({self.note})" if self.note and text else text
 
 
 def parse_ecs(option: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -65,11 +79,9 @@ def identify(policy: Policy, address: str, ecs: bytes | None = None, bindings: B
         binding = bindings.lookup(source[0], source[1], bindings.clock() if now is None else now)
         if binding is not None:
             known = policy.devices.get(binding.device)
-            since = datetime.fromtimestamp(binding.since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            detail = f"gateway {binding.gateway} since {since}" + ("" if known else " (device not in the inventory)")
-            return Client(address, binding.device, known.group if known else default, allowed, "binding", detail)
+            return Client(address, binding.device, known.group if known else default, allowed, "binding", binding)
     device = policy.inventory.lookup(source[0], source[1])
     if device is not None:
-        return Client(address, device.id, device.group, allowed, "inventory", device.where)
+        return Client(address, device.id, device.group, allowed, "inventory", device)
     return Client(address, None, default, allowed,
                   unidentified_vpn=policy.vpn_table.lookup(*source) is not None)

@@ -179,7 +179,7 @@ class BlockerAddon:
         # With proxyauth=any, anyone may claim any device id: user names are then not identity.
         if username and username in policy.devices and ctx.options.proxyauth != "any":
             device = policy.devices[username]
-            return Client(address, device.id, device.group, by_address.allowed, "proxyauth", device.where)
+            return Client(address, device.id, device.group, by_address.allowed, "proxyauth", device)
         return by_address
 
     def _policy(self) -> Policy:

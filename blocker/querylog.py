@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import dnslib
 
@@ -20,8 +20,8 @@ log = logging.getLogger("blocker")
 
 CAPACITY = 50_000
 # (time, client address, device, name, qtype, action, categories, group, exemption reference,
-#  policy version, latency seconds, rcode, identity origin, identity detail)
-Entry = tuple[float, str, str | None, str, int, str, tuple[str, ...], str, str | None, str, float, int, str, str]
+#  policy version, latency seconds, rcode, the client: its identity is formatted in the writer thread)
+Entry = tuple[float, str, str | None, str, int, str, tuple[str, ...], str, str | None, str, float, int, Any]
 
 
 class QueryLog:
@@ -97,8 +97,10 @@ class QueryLog:
 
 
 def format_entry(entry: Entry) -> str:
-    (when, address, device, name, qtype, action, categories, group, reference, version, latency, rcode, origin,
-     detail) = entry
+    (when, address, device, name, qtype, action, categories, group, reference, version, latency, rcode,
+     client) = entry
+    origin = client.origin if client is not None else "default"
+    detail = client.detail if client is not None else ""
     record = {
         "time": datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "client": address,

@@ -65,5 +65,4 @@ class Recorder:
             return
         querylog.put((self.clock.time(), address, client.device if client else None, qname, qtype, action, categories,
                       client.group if client else "", exemption, self.version,
-                      time.perf_counter() - started, reply[3] & 0xF, client.origin if client else "default",
-                      client.detail if client else ""))
+                      time.perf_counter() - started, reply[3] & 0xF, client))
