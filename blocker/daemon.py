@@ -224,6 +224,7 @@ class Daemon:
     def _loaded(self, policy: Policy, why: str, milliseconds: float) -> None:
         old = self.policy.config
         new = policy.config
+        lists = "reused" if policy.lists is self.policy.lists else "reloaded"
         upstreams = follow_config(self.upstreams, new.dns, self.stats)
         if upstreams is not self.upstreams:
             self.upstreams = self.resolver.upstreams = upstreams
@@ -240,7 +241,8 @@ class Daemon:
         self._configure_querylog(policy)
         self.stats.last_reload_error = None
         self.stats.reloaded(True)
-        log.info("reloaded (%s) policy=%s in %.0f ms", why, policy.version, milliseconds)
+        log.info("reloaded (%s) policy=%s in %.0f ms (lists %s, %d devices)", why, policy.version, milliseconds, lists,
+                 len(policy.devices))
         self._audit(self.audit.update(new.policy.exemptions, self.clock.now(), policy.version))
 
 

@@ -171,3 +171,27 @@ def test_two_servers_share_bindings_through_redis(knot: Knot, tmp_path: Path) ->
         a.stop()
         b.stop()
         redis.kill()
+
+
+def test_an_inventory_edit_reloads_without_recompiling_the_lists(served: Blocker, tmp_path: Path) -> None:
+    assert dig(served, "127.0.0.8", "www.tiktok.com") == "NXDOMAIN"
+    with (tmp_path / "devices.csv").open("a") as out:
+        out.write("MPS-NEW,comms-team,127.0.0.8,Pixel 9\n")
+    line = served.wait_for_log(r"reloaded \(file change\)")
+    assert "lists reused" in line
+    wait_status(served, "127.0.0.8", "www.tiktok.com", "NOERROR")
+    # A broken inventory is rejected with FILE:LINE and the running one keeps serving.
+    with (tmp_path / "devices.csv").open("a") as out:
+        out.write("MPS-NEW,comms-team,127.0.0.9,duplicate id\n")
+    served.wait_for_log(rf"rejected.*{re.escape(str(tmp_path / 'devices.csv'))}:6: device 'MPS-NEW' is listed twice "
+                        rf"\(first at .*devices.csv:5\)")
+    assert dig(served, "127.0.0.8", "www.tiktok.com") == "NOERROR"
+
+
+def test_identity_metrics_pass_promtool(served: Blocker) -> None:
+    assert radclient(radius_port(served), start("MPS-COMMS@force.test", "127.0.0.2"))
+    text = served.metrics()
+    result = subprocess.run([require_tool("promtool"), "check", "metrics"], input=text, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "blocker_radius_accounting_packets_total" in text
