@@ -236,3 +236,37 @@ def test_secret_file(tmp_path: Path) -> None:
     (tmp_path / "e").write_text("\n")
     with pytest.raises(Exception, match=r"/e:1: RADIUS secret is empty"):
         load_secret(tmp_path / "e")
+
+
+def test_mirror_follows_the_resolvers_snapshot(tmp_path: Path) -> None:
+    """The proxy addon's view (mirror): no listener; the snapshot file the resolver writes is re-read on change."""
+    import asyncio
+
+    from blocker.bindings import Binding, write_snapshot
+    from blocker.config import IdentityConfig
+    from blocker.identity import IdentityService
+
+    snapshot = tmp_path / "bindings.json"
+    config = IdentityConfig(radius_accounting=RadiusConfig(secret_file=tmp_path / "none"), snapshot=snapshot)
+    now = time.time()
+
+    async def scenario() -> list[list[str]]:
+        service = IdentityService(config, mirror=True)
+        await service.start()  # no secret needed: a mirror runs no listener
+        seen = []
+        try:
+            for rows in ([Binding(net("10.8.0.2"), "A", "gw", now, now + 60).as_row()],
+                         [Binding(net("10.8.0.3"), "B", "gw", now, now + 60).as_row()]):
+                write_snapshot(rows, snapshot, now)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    held = sorted(b.device for b in service.table.bindings())
+                    if held == [rows[0][1]]:
+                        break
+                    await asyncio.sleep(0.05)
+                seen.append(sorted(b.device for b in service.table.bindings()))
+        finally:
+            await service.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == [["A"], ["B"]]
