@@ -185,6 +185,14 @@ def run_validate(config: Path | None) -> int:
     now = datetime.now(UTC)
     for warning in policy.warnings:
         print(f"{warning} (warning)")
+    radius = policy.config.identity.radius_accounting
+    if radius is not None:
+        from blocker.radius import load_secret
+
+        try:
+            load_secret(radius.secret_file)
+        except ConfigError as err:  # a warning: the secret is often mounted only where blocker runs
+            print(f"{err.problems[0]} (warning: `blocker serve` will not start without it)")
     for items in policy.exemptions.values():
         for exemption in items:
             where = f"{exemption.file}:{exemption.line}"
