@@ -16,7 +16,7 @@ COPY blocklists /etc/blocker/blocklists
 WORKDIR /etc/blocker
 VOLUME ["/etc/blocker"]
 USER 10001
-EXPOSE 5353/udp 5353/tcp 9153/tcp
+EXPOSE 8053/udp 8053/tcp 9153/tcp
 HEALTHCHECK --interval=30s --timeout=3s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9153/healthz', timeout=2)"]
 ENTRYPOINT ["blocker"]
 CMD ["serve", "--config", "/etc/blocker/blocker.yaml"]

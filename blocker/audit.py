@@ -1,22 +1,34 @@
-"""The audit trail of exemptions: what was granted, changed, revoked, started or expired, and when.
+"""What happened to each exemption: granted, changed, renewed, revoked, started, expired — recorded once.
 
-`ExemptionAudit` compares each new policy with the last one, and is ticked every second so an
-expiry is recorded when it happens, not at the next reload. It returns events; the daemon logs
-them as one JSON object per line, the record an inspector would ask for.
+`ExemptionAudit` is given each newly loaded policy and ticked every second (an expiry is recorded
+when it happens, not at the next reload). It turns differences into events. With `audit.path` set,
+what was last recorded is read back from the trail itself (`audit_trail`), under the trail's lock:
+a restart, a second replica sharing the trail, or a change the `blocker exemptions` commands
+already recorded (with their actor) adds no event. Changes found in an edited file are recorded
+with the actor `file-edit`; starts and expiries with the actor `blocker`. Without a trail the
+events are only logged, and a start logs one `loaded` event per exemption (nothing is persisted
+to compare with).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from datetime import datetime
+from pathlib import Path
 
+from blocker.audit_trail import AuditTrail, TrailReader
 from blocker.config import Exemption
 
+log = logging.getLogger("blocker")
 Key = tuple[str, str]  # (device, reference)
-_FIELDS = ("allow", "approved_by", "reason", "expires", "starts")
+Snapshot = tuple[dict[str, object], str]  # (values, state); state "revoked" once removed
+FILE_EDIT = "file-edit"
+SYSTEM = "blocker"
 
 
-def _state(exemption: Exemption, now: datetime) -> str:
+def state(exemption: Exemption, now: datetime) -> str:
+    """`pending`, `active` or `expired` at `now`."""
     if now >= exemption.expires:
         return "expired"
     if exemption.starts is not None and now < exemption.starts:
@@ -24,7 +36,8 @@ def _state(exemption: Exemption, now: datetime) -> str:
     return "active"
 
 
-def describe(exemption: Exemption) -> dict[str, object]:
+def values(exemption: Exemption) -> dict[str, object]:
+    """What was granted, without where it is written (moving an entry in its file changes nothing)."""
     return {
         "device": exemption.device,
         "categories": list(exemption.allow),
@@ -33,69 +46,161 @@ def describe(exemption: Exemption) -> dict[str, object]:
         "reason": exemption.reason,
         "starts": exemption.starts.isoformat() if exemption.starts else None,
         "expires": exemption.expires.isoformat(),
-        "file": exemption.file,
-        "line": exemption.line,
     }
 
 
-class ExemptionAudit:
-    """Remembers the exemptions of the last policy and the state each was in."""
+def describe(exemption: Exemption) -> dict[str, object]:
+    """`values` plus the file and line the exemption is written at."""
+    return {**values(exemption), "file": exemption.file, "line": exemption.line}
 
-    def __init__(self) -> None:
-        self._known: dict[Key, Exemption] = {}
-        self._states: dict[Key, str] = {}
-        self._started = False
+
+def make_event(kind: str, actor: str, old: dict[str, object] | None, new: dict[str, object] | None,
+               new_state: str, version: str, where: Exemption | None = None,
+               reason: str | None = None) -> dict[str, object]:
+    """One trail event: who, what (old and new values), the state after it, under which policy."""
+    current = new if new is not None else old
+    assert current is not None
+    event: dict[str, object] = {
+        "event": kind,
+        "actor": actor,
+        "device": current["device"],
+        "reference": current["reference"],
+        "approved_by": current["approved_by"],
+        "reason": reason if reason is not None else current["reason"],
+        "categories": current["categories"],
+        "starts": current["starts"],
+        "expires": current["expires"],
+        "state": new_state,
+        "old": old,
+        "new": new,
+        "policy": version,
+    }
+    if old is not None and new is not None:
+        event["changes"] = {k: [old[k], new[k]] for k in new if old.get(k) != new[k]}
+    if where is not None:
+        event["file"], event["line"] = where.file, where.line
+    return event
+
+
+def record_event(trail: AuditTrail, event: dict[str, object]) -> dict[str, object]:
+    """Append one event; the caller holds `trail.locked()`."""
+    return trail.append_locked([event])[0]
+
+
+def snapshot_of(event: dict[str, object]) -> tuple[Key, Snapshot] | None:
+    """What a trail event says the exemption now is."""
+    new, old = event.get("new"), event.get("old")
+    device, reference, kind = event.get("device"), event.get("reference"), event.get("state")
+    if not isinstance(device, str) or not isinstance(reference, str) or not isinstance(kind, str):
+        return None
+    if isinstance(new, dict):
+        return (device, reference), (new, kind)
+    if isinstance(old, dict):
+        return (device, reference), (old, "revoked")
+    return None
+
+
+class ExemptionAudit:
+    """Compares the exemptions of each policy with what was last recorded, and records the difference."""
+
+    def __init__(self, trail_path: Path | None = None) -> None:
+        self.trail = AuditTrail(trail_path) if trail_path is not None else None
+        self._reader = TrailReader(trail_path) if trail_path is not None else None
+        self._recorded: dict[Key, Snapshot] = {}
+        self._seen: dict[Key, Snapshot] | None = None
+        self._current: dict[Key, Exemption] = {}
+        self._failure = ""
 
     def update(self, exemptions: Iterable[Exemption], now: datetime, version: str) -> list[dict[str, object]]:
-        """Events for a newly loaded policy (on start: one per exemption in the file)."""
-        new = {(e.device, e.reference): e for e in exemptions}
-        events: list[dict[str, object]] = []
-        for key, exemption in new.items():
-            state = _state(exemption, now)
-            old = self._known.get(key)
-            if old is None:
-                kind = "exemption_expired" if state == "expired" else "exemption_granted"
-                events.append(self._event(kind, exemption, version, state=state))
-            elif old != exemption:
-                changes = {f: [_text(getattr(old, f)), _text(getattr(exemption, f))] for f in _FIELDS
-                           if getattr(old, f) != getattr(exemption, f)}
-                if changes:
-                    events.append(self._event("exemption_changed", exemption, version, state=state,
-                                              changes=changes))
-            elif self._states.get(key) != state:
-                events.append(self._event(_transition(state), exemption, version, state=state))
-            self._states[key] = state
-        for key, old in self._known.items():
-            if key not in new:
-                if self._states.get(key) != "expired" and _state(old, now) != "expired":
-                    events.append(self._event("exemption_revoked", old, version, state="revoked"))
-                self._states.pop(key, None)
-        self._known = new
-        self._started = True
-        return events
+        """Events for a newly loaded policy (at start: only what changed since the trail's last line)."""
+        self._current = {(e.device, e.reference): e for e in exemptions}
+        return self._reconcile(now, version)
 
     def tick(self, now: datetime, version: str) -> list[dict[str, object]]:
         """Events for exemptions that started or expired since the last call."""
-        events = []
-        for key, exemption in self._known.items():
-            state = _state(exemption, now)
-            if self._states.get(key) != state:
-                self._states[key] = state
-                events.append(self._event(_transition(state), exemption, version, state=state))
+        return self._reconcile(now, version)
+
+    def recorded(self) -> dict[Key, Snapshot]:
+        """What the trail says each exemption is (as of the last reconcile)."""
+        return dict(self._recorded)
+
+    def _catch_up(self) -> None:
+        assert self._reader is not None
+        events = list(self._reader.new_events())
+        if self._reader.restarted:
+            self._recorded = {}
+        for event in events:
+            found = snapshot_of(event)
+            if found is not None:
+                self._recorded[found[0]] = found[1]
+
+    def _reconcile(self, now: datetime, version: str) -> list[dict[str, object]]:
+        desired = {key: (values(e), state(e, now)) for key, e in self._current.items()}
+        if desired == self._seen:
+            return []  # the common tick: nothing changed, the trail is not even opened
+        if self.trail is None:
+            if self._seen is None:
+                self._seen = desired
+                return [make_event("loaded", SYSTEM, None, snap[0], snap[1], version, self._current[key])
+                        for key, snap in desired.items()]
+            events = self._differences(self._seen, desired, version)
+            self._seen = desired
+            return events
+        try:
+            with self.trail.locked():
+                self._catch_up()
+                seen = self._seen
+                if seen is None:
+                    seen = {k: v for k, v in self._recorded.items() if v[1] != "revoked"}
+                events = self._differences(seen, desired, version)
+                written = self.trail.append_locked(events)
+                for event in written:
+                    found = snapshot_of(event)
+                    if found is not None:
+                        self._recorded[found[0]] = found[1]
+        except OSError as err:
+            # Not recorded: tried again on the next tick (the log says so once per kind of failure).
+            message = f"audit trail {self.trail.path}: cannot record: {err.strerror or err}"
+            if message != self._failure:
+                self._failure = message
+                log.error("%s", message)
+            return []
+        self._failure = ""
+        self._seen = desired
+        return written
+
+    def _differences(self, seen: dict[Key, Snapshot], desired: dict[Key, Snapshot],
+                     version: str) -> list[dict[str, object]]:
+        events: list[dict[str, object]] = []
+        with_trail = self.trail is not None
+        for key in sorted(set(seen) | set(desired)):
+            before, want = seen.get(key), desired.get(key)
+            if before == want:
+                continue
+            # With a trail, compare with what was recorded (maybe by a command or another replica).
+            recorded = self._recorded.get(key) if with_trail else before
+            if recorded == want:
+                continue
+            event = self._event(recorded, want, version, self._current.get(key))
+            if event is not None:
+                events.append(event)
         return events
 
     @staticmethod
-    def _event(kind: str, exemption: Exemption, version: str, **extra: object) -> dict[str, object]:
-        return {"event": kind, **describe(exemption), "policy": version, **extra}
-
-
-def _transition(state: str) -> str:
-    return {"active": "exemption_started", "expired": "exemption_expired"}.get(state, "exemption_pending")
-
-
-def _text(value: object) -> object:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, tuple):
-        return list(value)
-    return value
+    def _event(recorded: Snapshot | None, want: Snapshot | None, version: str,
+               where: Exemption | None) -> dict[str, object] | None:
+        if want is None:
+            if recorded is None or recorded[1] in ("revoked", "expired"):
+                return None  # taking an expired exemption out of the file is tidying, not a revocation
+            return make_event("revoke", FILE_EDIT, recorded[0], None, "revoked", version)
+        new_values, new_state = want
+        if recorded is None or recorded[1] == "revoked":
+            kind = "expiry" if new_state == "expired" else "grant"
+            return make_event(kind, FILE_EDIT, None, new_values, new_state, version, where)
+        old_values = recorded[0]
+        if old_values != new_values:
+            changed = {k for k in new_values if old_values.get(k) != new_values[k]}
+            kind = "renew" if changed == {"expires"} else "change"
+            return make_event(kind, FILE_EDIT, old_values, new_values, new_state, version, where)
+        kind = {"active": "start", "expired": "expiry"}.get(new_state, "pending")
+        return make_event(kind, SYSTEM, None, new_values, new_state, version, where)

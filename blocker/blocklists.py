@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blocker.domains import InvalidName, RuleIndex, RuleSource, is_valid_name, normalize_rule
-from blocker.errors import ConfigError
+from blocker.errors import ConfigError, Problem
 from blocker.yamlfile import Collector, Reader, compose
 
 CATEGORY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
@@ -38,6 +38,7 @@ class Blocklists:
     index: RuleIndex
     files: tuple[Path, ...]  # every category file and included file read
     folder: Path
+    warnings: tuple[Problem, ...] = ()
 
 
 def load_blocklists(folder: Path) -> Blocklists:
@@ -49,19 +50,53 @@ def load_blocklists(folder: Path) -> Blocklists:
     if not folder.is_dir():
         problems.add(str(folder), None, "blocklists folder not found")
         raise ConfigError(problems.problems)
+    notes = _Notes()
     for path in sorted(folder.glob("*.yaml")):
         files.append(path)
-        category = _load_category(path, index, problems, files)
+        category = _load_category(path, index, problems, files, notes)
         if category is not None:
             categories[category.name] = category
     if not categories and not problems.problems:
         problems.add(str(folder), None, "no category files (<name>.yaml) in the blocklists folder")
     if problems.problems:
         raise ConfigError(problems.problems)
-    return Blocklists(categories, index, tuple(files), folder)
+    for rule, source in notes.wildcards:
+        # `*.x` covers every name under x but not x itself (a plain `x` rule covers both).
+        parent = rule[2:]
+        if source.category not in {s.category for s in index.lookup(parent).sources if s.allow == source.allow}:
+            notes.add(source.file, source.line, f"'{rule}' does not cover '{parent}' itself; the rule "
+                                                f"'{parent}' covers both")
+    return Blocklists(categories, index, tuple(files), folder, notes.finish())
 
 
-def _load_category(path: Path, index: RuleIndex, problems: Collector, files: list[Path]) -> Category | None:
+class _Notes:
+    """Warnings found while loading (duplicates at most 20 per file, then a count)."""
+
+    LIMIT = 20
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.wildcards: list[tuple[str, RuleSource]] = []
+        self._duplicates: dict[str, int] = {}
+
+    def add(self, file: str, line: int, message: str) -> None:
+        self.problems.append(Problem(file, line, message))
+
+    def duplicate(self, file: str, line: int, rule: str, category: str) -> None:
+        count = self._duplicates.get(file, 0) + 1
+        self._duplicates[file] = count
+        if count <= self.LIMIT:
+            self.add(file, line, f"duplicate rule '{rule}' (category {category} has it already)")
+
+    def finish(self) -> tuple[Problem, ...]:
+        for file, count in self._duplicates.items():
+            if count > self.LIMIT:
+                self.add(file, 1, f"{count - self.LIMIT} more duplicate rules in this file")
+        return tuple(self.problems)
+
+
+def _load_category(path: Path, index: RuleIndex, problems: Collector, files: list[Path],
+                   notes: _Notes) -> Category | None:
     file = str(path)
     read = Reader(file, problems)
     root = compose(path, problems)
@@ -93,18 +128,22 @@ def _load_category(path: Path, index: RuleIndex, problems: Collector, files: lis
             except InvalidName as err:
                 read.error(node, f"{key}: {err}")
                 continue
-            index.add(rule, RuleSource(name, file, node.start_mark.line + 1, rule, allow))
+            source = RuleSource(name, file, node.start_mark.line + 1, rule, allow)
+            if not index.add(rule, source):
+                notes.duplicate(file, source.line, rule, name)
+            elif rule.startswith("*.") and "*" not in rule[2:]:
+                notes.wildcards.append((rule, source))
     for text, node in read.strings(fields.get("include"), "include"):
         included = (path.parent / text).resolve()
         if not included.is_file():
             read.error(node, f"include: file not found: {text}")
             continue
         files.append(included)
-        _load_include(included, name, index, problems)
+        _load_include(included, name, index, problems, notes)
     return Category(name, description, file)
 
 
-def _load_include(path: Path, category: str, index: RuleIndex, problems: Collector) -> None:
+def _load_include(path: Path, category: str, index: RuleIndex, problems: Collector, notes: _Notes) -> None:
     file = str(path)
     add = index.add
     bulk = RuleSource(category, file, 0, "")
@@ -121,7 +160,8 @@ def _load_include(path: Path, category: str, index: RuleIndex, problems: Collect
                 # Plain names are by far the most common line: one regex, and no line number kept
                 # (`blocker check` finds it again with `find_line`).
                 if is_valid_name(name):
-                    add(name, bulk, keep_line=False)
+                    if not add(name, bulk, keep_line=False):
+                        notes.duplicate(file, number, name, category)
                     continue
                 for rule_text, allow in _parse_other_line(line, file, number, problems):
                     try:
@@ -129,7 +169,11 @@ def _load_include(path: Path, category: str, index: RuleIndex, problems: Collect
                     except InvalidName as err:
                         problems.add(file, None, str(err), line=number)
                         continue
-                    add(rule, RuleSource(category, file, number, rule, allow))
+                    source = RuleSource(category, file, number, rule, allow)
+                    if not add(rule, source):
+                        notes.duplicate(file, number, rule, category)
+                    elif rule.startswith("*.") and "*" not in rule[2:]:
+                        notes.wildcards.append((rule, source))
     except (OSError, UnicodeDecodeError) as err:
         problems.add(file, None, f"cannot read: {err}")
 

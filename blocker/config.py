@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from blocker.errors import ConfigError
+from blocker.errors import ConfigError, Problem
 from blocker.yamlfile import Collector, Reader, compose
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -25,6 +25,7 @@ SHIPPED_CATEGORIES = ("tiktok", "twitter", "facebook", "instagram", "snapchat", 
 MESSAGING_CATEGORIES = ("whatsapp", "telegram", "signal", "doh")
 PROXY_MODES = ("regular", "transparent", "socks5", "wireguard")
 BLOCK_KINDS = ("nxdomain", "refused", "null", "ip")
+EXPIRY_WARNING_DAYS = 14  # `policy.expiry_warning_days`: validate, `exemptions list --expiring`, the metric
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,7 @@ class BlockResponse:
 
 @dataclass(frozen=True, slots=True)
 class DnsConfig:
-    listen: tuple[Endpoint, ...] = (("127.0.0.1", 5353),)
+    listen: tuple[Endpoint, ...] = (("127.0.0.1", 8053),)  # 5353 is mDNS (avahi, mDNSResponder)
     upstreams: tuple[Endpoint, ...] = ()
     allow_networks: tuple[IPNetwork, ...] = tuple(
         ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8"))
@@ -58,6 +59,13 @@ class MetricsConfig:
 class QueryLogConfig:
     path: Path | None = None
     only_blocked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """`audit.path`: the append-only, hash-chained trail of exemption events (None: logs only)."""
+
+    path: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +113,9 @@ class PolicyConfig:
     groups: dict[str, Group] = field(default_factory=lambda: default_groups())
     devices: tuple[Device, ...] = ()
     exemptions: tuple[Exemption, ...] = ()
+    # `policy.exemptions_file`: exemptions kept in a file of their own (the one the commands edit).
+    exemptions_file: Path | None = None
+    expiry_warning_days: int = 14  # EXPIRY_WARNING_DAYS
     inventory: tuple[Path, ...] = ()  # device inventory files (CSV or YAML), see blocker/inventory.py
 
 
@@ -154,6 +165,8 @@ class Config:
     source: Path | None = None
     # Lines of the config file for the sections that later checks refer to.
     lines: dict[str, int] = field(default_factory=dict)
+    audit: AuditConfig = AuditConfig()
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def source_name(self) -> str:
@@ -207,23 +220,30 @@ def embedded_defaults() -> Config:
     )
 
 
-_TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "identity"}
+_TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "audit", "identity"}
 _DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_ttl", "cache_size",
              "trusted_forwarders", "upstream_timeout"}
-_POLICY_KEYS = {"default_group", "groups", "devices", "exemptions", "inventory"}
+_POLICY_KEYS = {"default_group", "groups", "devices", "exemptions", "exemptions_file", "expiry_warning_days",
+                "inventory"}
 _IDENTITY_KEYS = {"radius_accounting", "snapshot", "store", "vpn_networks"}
 _RADIUS_KEYS = {"listen", "secret_file", "clients", "device_attribute", "binding_ttl", "max_bindings"}
 _DEVICE_KEYS = {"id", "addresses", "group"}
 _EXEMPTION_KEYS = {"device", "allow", "approved_by", "reference", "reason", "expires", "starts"}
 
 
-def load_config(path: Path | None) -> Config:
-    """Read a config file (or the embedded defaults for None); raises ConfigError."""
+def load_config(path: Path | None, texts: dict[Path, str] | None = None) -> Config:
+    """Read a config file (or the embedded defaults for None); raises ConfigError.
+
+    `texts` stands in for the content of some files (by path): the exemption commands check the
+    policy a change would give before they write it.
+    """
     if path is None:
         return embedded_defaults()
+    texts = texts or {}
     problems = Collector()
+    warnings = Collector()
     file = str(path)
-    root = compose(path, problems)
+    root = compose(path, problems, texts.get(path))
     if problems.problems:
         raise ConfigError(problems.problems)
     read = Reader(file, problems)
@@ -231,19 +251,30 @@ def load_config(path: Path | None) -> Config:
     base = path.parent
     lines = {key: node.start_mark.line + 1 for key, node in top.items()}
     config = Config(
-        dns=_dns(read, top.get("dns")),
+        dns=_dns(read, top.get("dns"), warnings),
         metrics=_metrics(read, top.get("metrics")),
         blocklists=_blocklists_path(read, top.get("blocklists"), base),
         query_log=_query_log(read, top.get("query_log"), base),
         proxy=_proxy(read, top.get("proxy")),
-        policy=_policy(read, top.get("policy"), lines, base),
+        policy=_policy(read, top.get("policy"), lines, base, texts, warnings),
         identity=_identity(read, top.get("identity"), base),
         source=path,
         lines=lines,
+        audit=_audit(read, top.get("audit"), base),
+        warnings=tuple(warnings.problems),
     )
     if problems.problems:
         raise ConfigError(problems.problems)
     return config
+
+
+def _audit(read: Reader, node: yaml.Node | None, base: Path) -> AuditConfig:
+    fields = read.mapping(node, "audit", {"path"})
+    if "path" not in fields or (isinstance(fields["path"], yaml.ScalarNode)
+                                and fields["path"].tag.endswith(":null")):
+        return AuditConfig()
+    text = read.string(fields["path"], "audit.path")
+    return AuditConfig(base / text if text else None)
 
 
 def _endpoints(read: Reader, node: yaml.Node | None, where: str) -> tuple[Endpoint, ...]:
@@ -255,16 +286,22 @@ def _endpoints(read: Reader, node: yaml.Node | None, where: str) -> tuple[Endpoi
     return tuple(out)
 
 
-def _networks(read: Reader, node: yaml.Node | None, where: str) -> tuple[IPNetwork, ...]:
+def _networks(read: Reader, node: yaml.Node | None, where: str,
+              warnings: Collector | None = None) -> tuple[IPNetwork, ...]:
     out = []
     for item in read.sequence(node, where):
         network = read.network(item, f"{where} entry")
         if network is not None:
             out.append(network)
+            text = str(item.value).strip()
+            if warnings is not None and "/" in text and text != network.with_prefixlen:
+                # 10.8.0.9/24 is read as 10.8.0.0/24: 256 addresses where one was probably meant.
+                warnings.add(read.file, item, f"{where}: '{text}' has host bits set: it means "
+                                              f"{network.with_prefixlen} ({network.num_addresses} addresses)")
     return tuple(out)
 
 
-def _dns(read: Reader, node: yaml.Node | None) -> DnsConfig:
+def _dns(read: Reader, node: yaml.Node | None, warnings: Collector) -> DnsConfig:
     fields = read.mapping(node, "dns", _DNS_KEYS)
     defaults = DnsConfig()
     values: dict[str, object] = {}
@@ -282,9 +319,10 @@ def _dns(read: Reader, node: yaml.Node | None) -> DnsConfig:
     else:
         values["upstreams"] = system_upstreams()
     if "allow_networks" in fields:
-        values["allow_networks"] = _networks(read, fields["allow_networks"], "dns.allow_networks")
+        values["allow_networks"] = _networks(read, fields["allow_networks"], "dns.allow_networks", warnings)
     if "trusted_forwarders" in fields:
-        values["trusted_forwarders"] = _networks(read, fields["trusted_forwarders"], "dns.trusted_forwarders")
+        values["trusted_forwarders"] = _networks(read, fields["trusted_forwarders"], "dns.trusted_forwarders",
+                                                 warnings)
     if "block_response" in fields:
         values["block_response"] = _block_response(read, fields["block_response"])
     if "block_ttl" in fields:
@@ -371,7 +409,8 @@ def _proxy(read: Reader, node: yaml.Node | None) -> ProxyConfig:
     return ProxyConfig(listen, mode)
 
 
-def _policy(read: Reader, node: yaml.Node | None, lines: dict[str, int], base: Path) -> PolicyConfig:
+def _policy(read: Reader, node: yaml.Node | None, lines: dict[str, int], base: Path,
+            texts: dict[Path, str], warnings: Collector) -> PolicyConfig:
     fields = read.mapping(node, "policy", _POLICY_KEYS)
     default_group = "standard"
     if "default_group" in fields:
@@ -388,8 +427,19 @@ def _policy(read: Reader, node: yaml.Node | None, lines: dict[str, int], base: P
                 lines[f"group:{name}:{text}"] = item.start_mark.line + 1
     if default_group not in groups:
         read.error(fields.get("default_group") or node, f"policy.default_group '{default_group}' is not a group")
-    devices = _devices(read, fields.get("devices"), groups)
+    expiry_days = EXPIRY_WARNING_DAYS
+    if "expiry_warning_days" in fields:
+        days = read.integer(fields["expiry_warning_days"], "policy.expiry_warning_days", 0, 3650)
+        expiry_days = expiry_days if days is None else days
+    devices = _devices(read, fields.get("devices"), groups, warnings)
     exemptions = _exemptions(read, fields.get("exemptions"), lines)
+    exemptions_file = None
+    if "exemptions_file" in fields:
+        text = read.string(fields["exemptions_file"], "policy.exemptions_file")
+        if text:
+            exemptions_file = base / text
+            lines["policy.exemptions_file"] = fields["exemptions_file"].start_mark.line + 1
+            exemptions += _exemptions_file(read, exemptions_file, fields["exemptions_file"], texts, lines)
     inventory: list[Path] = []
     if "inventory" in fields:
         lines["policy.inventory"] = fields["inventory"].start_mark.line + 1
@@ -399,7 +449,8 @@ def _policy(read: Reader, node: yaml.Node | None, lines: dict[str, int], base: P
         for text, _item in items:
             if text:
                 inventory.append(base / text)
-    return PolicyConfig(default_group, groups, devices, exemptions, tuple(inventory))
+    return PolicyConfig(default_group, groups, devices, exemptions, exemptions_file, expiry_days,
+                        tuple(inventory))
 
 
 def _identity(read: Reader, node: yaml.Node | None, base: Path) -> IdentityConfig:
@@ -495,7 +546,20 @@ def _null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null") and node.style in (None, "")
 
 
-def _devices(read: Reader, node: yaml.Node | None, groups: dict[str, Group]) -> tuple[Device, ...]:
+def _exemptions_file(read: Reader, path: Path, where: yaml.Node, texts: dict[Path, str],
+                     lines: dict[str, int]) -> tuple[Exemption, ...]:
+    """The exemptions of `policy.exemptions_file`: a mapping with one key, `exemptions:`, a list."""
+    if path not in texts and not path.is_file():
+        read.error(where, f"policy.exemptions_file: file not found: {path}")
+        return ()
+    own = Reader(str(path), read.problems)
+    root = compose(path, read.problems, texts.get(path))
+    fields = own.mapping(root, "exemptions file", {"exemptions"})
+    return _exemptions(own, fields.get("exemptions"), lines, "exemptions")
+
+
+def _devices(read: Reader, node: yaml.Node | None, groups: dict[str, Group],
+             warnings: Collector) -> tuple[Device, ...]:
     devices: list[Device] = []
     seen: set[str] = set()
     for item in read.sequence(node, "policy.devices"):
@@ -506,7 +570,8 @@ def _devices(read: Reader, node: yaml.Node | None, groups: dict[str, Group]) -> 
             continue
         device_id = read.string(fields["id"], "device id")
         group = read.string(fields["group"], "device group")
-        addresses = _networks(read, fields["addresses"], "device addresses")
+        where = f"device '{device_id}' addresses" if device_id else "device addresses"
+        addresses = _networks(read, fields["addresses"], where, warnings)
         if device_id is None or group is None:
             continue
         if device_id in seen:
@@ -523,34 +588,38 @@ def _devices(read: Reader, node: yaml.Node | None, groups: dict[str, Group]) -> 
     return tuple(devices)
 
 
-def _exemptions(read: Reader, node: yaml.Node | None, lines: dict[str, int]) -> tuple[Exemption, ...]:
+_REQUIRED = ("device", "allow", "approved_by", "reference", "reason", "expires")
+
+
+def _exemptions(read: Reader, node: yaml.Node | None, lines: dict[str, int],
+                where: str = "policy.exemptions") -> tuple[Exemption, ...]:
+    """Every exemption that is whole; every problem of every exemption is recorded (none stops the rest)."""
     exemptions: list[Exemption] = []
-    for item in read.sequence(node, "policy.exemptions"):
+    for item in read.sequence(node, where):
+        before = len(read.problems.problems)
         fields = read.mapping(item, "exemption", _EXEMPTION_KEYS)
-        missing = [key for key in ("device", "allow", "approved_by", "reference", "reason", "expires")
-                   if key not in fields]
+        missing = [key for key in _REQUIRED if key not in fields]
         if missing:
             read.error(item, f"exemption needs {', '.join(missing)} (no defaults: every grant is on record)")
-            continue
-        device = read.string(fields["device"], "exemption device")
-        allow = tuple(text for text, _ in read.strings(fields["allow"], "exemption allow"))
-        approved_by = read.string(fields["approved_by"], "exemption approved_by")
-        reference = read.string(fields["reference"], "exemption reference")
-        reason = read.string(fields["reason"], "exemption reason")
-        expires = read.timestamp(fields["expires"], "exemption expires")
+        texts: dict[str, str | None] = {}
+        for key in ("device", "approved_by", "reference", "reason"):
+            if key in fields:
+                value = read.string(fields[key], f"exemption {key}")
+                texts[key] = value
+                if value is not None and not value.strip():
+                    read.error(fields[key], f"exemption {key} must not be empty")
+        allow: tuple[str, ...] = ()
+        if "allow" in fields:
+            allow = tuple(text for text, _ in read.strings(fields["allow"], "exemption allow"))
+            if not allow:
+                read.error(fields["allow"], "exemption allow needs at least one category")
+        expires = read.timestamp(fields["expires"], "exemption expires") if "expires" in fields else None
         starts = read.timestamp(fields["starts"], "exemption starts") if "starts" in fields else None
         if starts is not None and expires is not None and starts >= expires:
             read.error(fields["starts"], "exemption starts must be before expires")
+        if len(read.problems.problems) > before or expires is None:
             continue
-        values = (device, approved_by, reference, reason)
-        if any(v is None for v in values) or expires is None:
-            continue
-        if not all(str(v).strip() for v in values):
-            read.error(item, "exemption: device, approved_by, reference and reason must not be empty")
-            continue
-        if not allow:
-            read.error(fields["allow"], "exemption allow needs at least one category")
-            continue
-        exemptions.append(Exemption(device, allow, approved_by, reference, reason,  # type: ignore[arg-type]
+        exemptions.append(Exemption(texts["device"], allow, texts["approved_by"],  # type: ignore[arg-type]
+                                    texts["reference"], texts["reason"],  # type: ignore[arg-type]
                                     expires, starts, read.file, item.start_mark.line + 1))
     return tuple(exemptions)

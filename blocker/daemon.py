@@ -58,6 +58,9 @@ def log_problems(prefix: str, err: ConfigError) -> None:
 
 def bind_error(what: str, endpoint: str, err: OSError) -> str:
     """A bind failure with its reason and what usually causes it."""
+    # uvloop raises "could not bind to local_addr" with the real OSError as its cause.
+    while err.errno is None and isinstance(err.__cause__, OSError):
+        err = err.__cause__
     if err.errno == errno.EADDRINUSE:
         reason = "address already in use: another process holds this port (find it with `ss -lupn`)"
     elif err.errno == errno.EACCES:
@@ -86,7 +89,7 @@ class Daemon:
                                  self.identity.table if self.identity else None)
         self.listeners = Listeners(self.resolver)
         self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
-        self.audit = ExemptionAudit()
+        self.audit = ExemptionAudit(policy.config.audit.path)  # audit.path: read at start only
         self.querylog: QueryLog | None = None
         self._configure_querylog(policy)
         self.ops: OpsServer | None = None
@@ -118,7 +121,7 @@ class Daemon:
         log.info("ready pid=%d loop=%s policy=%s config=%s categories=%d rules=%d upstreams=%s", os.getpid(),
                  loop_name(loop), policy.version, config.source_name, len(policy.lists.categories),
                  policy.lists.index.rule_count, ",".join(self.upstreams.names) or "none")
-        watcher = asyncio.ensure_future(self.source.watch(self._tick))
+        watcher = asyncio.ensure_future(self.source.watch(self.tick))
         await self.stopping.wait()
         log.info("stopping: draining queries in flight")
         self.ready = False
@@ -196,7 +199,7 @@ class Daemon:
         for event in events:
             log.info("audit %s", json.dumps(event, separators=(",", ":")))
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         """Every poll: record exemptions that started or expired (they do so with no reload)."""
         self._audit(self.audit.tick(self.clock.now(), self.policy.version))
 

@@ -10,7 +10,9 @@ lookup walks the name's suffixes, so its cost depends on the name, not on the nu
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 _NAME = re.compile(r"^(?:(?!-)[a-z0-9_-]{1,63}(?<!-)\.)*(?!-)[a-z0-9_-]{1,63}(?<!-)$")
@@ -115,16 +117,18 @@ class RuleIndex:
         self._shared: dict[tuple[str, str, bool], RuleEntry] = {}
         self.rule_count = 0
 
-    def add(self, rule: str, source: RuleSource, keep_line: bool = True) -> None:
-        """Add a normalised rule (see `normalize_rule`).
+    def add(self, rule: str, source: RuleSource, keep_line: bool = True) -> bool:
+        """Add a normalised rule (see `normalize_rule`); False when the category already has it.
 
         `keep_line=False` saves memory for bulk lists: the rule's line is then found on demand.
         """
-        self.rule_count += 1
         if "*" in rule:
-            self._add_pattern(rule, source)
-            return
+            return self._add_pattern(rule, source)
         current = self._exact.get(rule)
+        if current is not None and any(s.category == source.category and s.allow == source.allow
+                                       for s in current.sources):
+            return False  # a duplicate (for `validate`): nothing to add
+        self.rule_count += 1
         if current is None:
             key = (source.category, source.file, source.allow)
             shared = self._shared.get(key)
@@ -135,11 +139,12 @@ class RuleIndex:
             self._exact[rule] = shared
             if keep_line:
                 self._lines[rule] = source.line
-            return
+            return True
         # A second rule for the same name (another category, or an except): give it its own entry.
         sources = self._sources_of(rule, current)
         self._exact[rule] = self._merge(current, sources, source)
         self._lines.pop(rule, None)
+        return True
 
     def _sources_of(self, rule: str, entry: RuleEntry) -> list[RuleSource]:
         if not entry.shared:
@@ -153,7 +158,7 @@ class RuleIndex:
         allow = current.allow or new.allow
         return RuleEntry(frozenset(s.category for s in merged), allow, merged)
 
-    def _add_pattern(self, rule: str, source: RuleSource) -> None:
+    def _add_pattern(self, rule: str, source: RuleSource) -> bool:
         labels = rule.split(".")
         last_wild = max(i for i, label in enumerate(labels) if "*" in label)
         anchor = ".".join(labels[last_wild + 1:])
@@ -162,10 +167,15 @@ class RuleIndex:
         bucket = self._patterns.setdefault(anchor, [])
         for existing in bucket:
             if existing.text == rule:
+                if any(s.category == source.category and s.allow == source.allow for s in existing.entry.sources):
+                    return False
+                self.rule_count += 1
                 existing.entry = self._merge(existing.entry, list(existing.entry.sources), source)
-                return
+                return True
+        self.rule_count += 1
         entry = RuleEntry(frozenset((source.category,)), source.allow, [source])
         bucket.append(_Pattern(regex, len(lead), entry, rule))
+        return True
 
     def lookup(self, name: str) -> Match:
         """The most specific rule covering a normalised name, with its sources, or NO_MATCH."""
@@ -231,6 +241,22 @@ class RuleIndex:
             else:
                 best, best_rule, best_key = pattern.entry, pattern.text, (depth, 0)
         return best, best_rule, best_key
+
+    def exact_rules(self) -> Mapping[str, RuleEntry]:
+        """The fixed rules by name, read-only (`blocker diff` compares two indexes' key sets)."""
+        return MappingProxyType(self._exact)
+
+    def sources(self, rule: str) -> list[RuleSource]:
+        """Where a fixed rule is written (line 0 when a bulk list did not keep it: `find_line`)."""
+        entry = self._exact.get(rule)
+        return self._sources_of(rule, entry) if entry is not None else []
+
+    def pattern_rules(self) -> Iterator[tuple[str, RuleSource]]:
+        """Every pattern rule with each of its sources."""
+        for bucket in self._patterns.values():
+            for pattern in bucket:
+                for src in pattern.entry.sources:
+                    yield pattern.text, src
 
     def categories_sizes(self) -> dict[str, int]:
         """Number of rules per category (for `validate` and metrics)."""

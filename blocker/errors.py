@@ -27,3 +27,10 @@ class ConfigError(BlockerError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+class ExemptionEditError(BlockerError):
+    """An exemption command was refused (unknown device, duplicate reference, past expiry...).
+
+    The message is one line a person can act on; nothing was written.
+    """

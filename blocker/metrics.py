@@ -273,8 +273,9 @@ def policy_families(policy: Policy) -> Iterator[object]:
     exemptions = [e for items in policy.exemptions.values() for e in items]
     active = [e for e in exemptions if e.active(now)]
     yield _gauge("blocker_exemptions_active", "Exemptions in force now.", len(active))
-    soon = now + timedelta(days=7)
-    yield _gauge("blocker_exemptions_expiring", "Exemptions in force now that expire within 7 days.",
+    soon = now + timedelta(days=policy.config.policy.expiry_warning_days)
+    yield _gauge("blocker_exemptions_expiring", "Exemptions in force now that expire within "
+                 "policy.expiry_warning_days (default 14).",
                  sum(1 for e in active if e.expires <= soon))
     yield _gauge("blocker_devices", "Devices in the running policy.", len(policy.devices))
     yield policy_info(policy)

@@ -8,6 +8,8 @@ and line for `blocker check`. No DNS wire format and no I/O on the decision path
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -98,12 +100,12 @@ def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
     for group in config.policy.groups.values():
         for category in group.block:
             if category not in known:
-                line = config.lines.get(f"group:{group.name}:{category}", group.line)
+                line = config.lines.get(f"group:{group.name}:{category}", group.line) or 1
                 problems.append(Problem(source, line, f"group '{group.name}' blocks unknown category '{category}'"))
     for exemption in config.policy.exemptions:
         for category in exemption.allow:
             if category not in known:
-                problems.append(Problem(source, exemption.line,
+                problems.append(Problem(exemption.file or source, exemption.line,
                                         f"exemption {exemption.reference} allows unknown category '{category}'"))
     try:
         inventory = load_inventory(config.policy.inventory, config.policy.groups, config.policy.devices, source)
@@ -112,13 +114,24 @@ def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
     if problems:
         raise ConfigError(problems)
     devices = inventory.devices
-    warnings: list[Problem] = list(inventory.warnings)
+    warnings: list[Problem] = [*config.warnings, *lists.warnings, *inventory.warnings]
     exemptions: dict[str, list[Exemption]] = {}
+    references: dict[str, Exemption] = {}
     for exemption in config.policy.exemptions:
         if exemption.device not in devices:
-            warnings.append(Problem(source, exemption.line,
+            warnings.append(Problem(exemption.file or source, exemption.line,
                                     f"exemption {exemption.reference} names unknown device '{exemption.device}'"))
+        first = references.setdefault(exemption.reference, exemption)
+        if first is not exemption:
+            warnings.append(Problem(exemption.file or source, exemption.line,
+                                    f"exemption reference {exemption.reference} is used twice (first at "
+                                    f"{first.file}:{first.line}): the commands cannot tell them apart"))
         exemptions.setdefault(exemption.device, []).append(exemption)
+    blocked = {c for g in config.policy.groups.values() for c in g.block}
+    for name, category in sorted(lists.categories.items()):
+        if name not in blocked:
+            warnings.append(Problem(category.file, 1, f"category '{name}' is blocked by no group "
+                                                      f"(its rules decide nothing)"))
     return Policy(
         config=config,
         lists=lists,
@@ -143,16 +156,41 @@ def _table(networks: tuple[IPNetwork, ...]) -> AddressTable[bool]:
 
 
 def policy_version(config: Config, files: tuple[Path, ...]) -> str:
-    """A short hash of the config and every list file's content."""
+    """A short hash of what decides: list files by their name relative to the lists folder, and the
+    decision settings (groups, devices, exemptions, networks, block response). Paths, comments of the
+    config and settings that decide nothing (listen addresses, logs) do not change it, so `check`,
+    `validate`, `serve` and the proxy agree on the same files wherever they are."""
     digest = hashlib.sha256()
-    sources = ([config.source] if config.source else []) + sorted(files)
-    for path in sources:
-        digest.update(str(path).encode())
+    policy = config.policy
+    dns = config.dns
+    settings = {
+        "default_group": policy.default_group,
+        "groups": {name: list(g.block) for name, g in sorted(policy.groups.items())},
+        "devices": sorted([d.id, [str(a) for a in d.addresses], d.group] for d in policy.devices),
+        "exemptions": sorted([e.device, e.reference, list(e.allow), e.approved_by, e.reason,
+                              e.expires.isoformat(), e.starts.isoformat() if e.starts else None]
+                             for e in policy.exemptions),
+        "allow_networks": [str(n) for n in dns.allow_networks],
+        "trusted_forwarders": [str(n) for n in dns.trusted_forwarders],
+        "block_response": [dns.block_response.kind, dns.block_response.ipv4, dns.block_response.ipv6],
+        "block_ttl": dns.block_ttl,
+    }
+    digest.update(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
+    folder = config.blocklists
+    for name, path in sorted((_relative(path, folder), path) for path in files):
+        digest.update(b"\0" + name.encode() + b"\0")
         try:
-            digest.update(path.read_bytes())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
         except OSError:
             digest.update(b"?")
     return digest.hexdigest()[:10]
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve(), folder.resolve())
+    except ValueError:
+        return path.name
 
 
 def decide(policy: Policy, client: Client, qname: str, now: datetime) -> Decision:

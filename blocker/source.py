@@ -124,5 +124,8 @@ def lists_signature(lists: Blocklists) -> Signature:
 def file_signature(policy: Policy, config_path: Path | None = None) -> Signature:
     """What changes when any file of the policy changes (content, symlink target, new list files)."""
     source = config_path or policy.config.source
-    return (lists_signature(policy.lists), _stats([source] if source is not None else []),
-            _stats(list(policy.inventory.files)))
+    paths = [source] if source is not None else []
+    if policy.config.policy.exemptions_file is not None:
+        paths.append(policy.config.policy.exemptions_file)
+    paths.extend(policy.inventory.files)
+    return (lists_signature(policy.lists), _stats(paths))

@@ -43,10 +43,11 @@ class Collector:
         self.problems.append(Problem(file, line, message))
 
 
-def compose(path: Path, problems: Collector) -> yaml.Node | None:
-    """Parse a YAML file into a node tree; syntax errors become problems."""
+def compose(path: Path, problems: Collector, text: str | None = None) -> yaml.Node | None:
+    """Parse a YAML file (or `text` standing in for its content) into a node tree; syntax errors become problems."""
     try:
-        text = path.read_text(encoding="utf-8")
+        if text is None:
+            text = path.read_text(encoding="utf-8")
     except OSError as err:
         problems.add(str(path), None, f"cannot read: {err.strerror or err}")
         return None

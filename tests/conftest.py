@@ -44,6 +44,18 @@ def standard_config(directory: Path, upstreams: list[str], extra_dns: str = "", 
     return path
 
 
+def short_exemption(expires: str) -> str:
+    """A policy snippet: device MPS-SHORT at 127.0.0.6 holds WhatsApp exemption CHG-SHORT until `expires`."""
+    return f"""\
+policy:
+  devices:
+    - {{id: MPS-SHORT, addresses: ["127.0.0.6"], group: standard}}
+  exemptions:
+    - {{device: MPS-SHORT, allow: [whatsapp], approved_by: "Supt. A. Smith", reference: "CHG-SHORT",
+       reason: "Test", expires: "{expires}"}}
+"""
+
+
 @pytest.fixture(scope="module")
 def blocker(knot: Knot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Blocker]:
     """blocker on the shipped lists, forwarding to Knot, with a comms-team device at 127.0.0.3."""
@@ -66,8 +78,11 @@ def blocker(knot: Knot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bl
 def blocker_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """caplog for the `blocker` logger, which does not propagate once blocker's logging is set up."""
     logger = logging.getLogger("blocker")
+    propagate = logger.propagate
+    logger.propagate = False  # records reach caplog once, through its handler here
     logger.addHandler(caplog.handler)
     try:
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
+        logger.propagate = propagate

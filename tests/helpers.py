@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -62,7 +63,7 @@ def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 
             if result:
                 return result
             last = f"returned {result!r}"
-        except (AssertionError, OSError, dns.exception.Timeout) as err:
+        except (AssertionError, OSError, dns.exception.Timeout) as err:  # not Exited: that is final
             last = err
         if time.monotonic() >= end:
             raise AssertionError(f"{what or getattr(check, '__name__', 'check')} not true within {timeout}s: {last}")
@@ -152,59 +153,59 @@ class BlackHole:
         self.sock.close()
 
 
-class Blocker:
-    """The real `blocker serve` as a subprocess, on ephemeral loopback ports read back from its log."""
+class Exited(Exception):
+    """The process under test exited while we waited for it: waiting longer cannot help."""
 
-    def __init__(self, config: Path | None, env: dict[str, str] | None = None) -> None:
-        self.config = config
+
+class Process:
+    """A real process of ours (`blocker serve`, `blocker proxy`), its output collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
         self.env = env
         self.lines: list[str] = []
         self.process: subprocess.Popen[str] | None = None
-        self.port = 0
-        self.metrics_port = 0
-        self.dns_endpoints: list[tuple[str, int]] = []
 
-    def start(self, expect_ready: bool = True) -> Blocker:
-        args = [sys.executable, "-m", "blocker", "serve"]
-        if self.config is not None:
-            args += ["--config", str(self.config)]
-        self.process = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    def start(self) -> Process:
+        self.process = subprocess.Popen(self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, env={**os.environ, **(self.env or {})})
         threading.Thread(target=self._read, daemon=True).start()
-        if expect_ready:
-            self.wait_for_log(r" ready ")
         return self
 
     def _read(self) -> None:
-        assert self.process and self.process.stderr
-        for line in self.process.stderr:
-            self.lines.append(line.rstrip("\n"))
-            found = re.search(r"listening dns=\[?([0-9a-f.:]+?)\]?:(\d+) ", line)
-            if found:
-                self.dns_endpoints.append((found.group(1), int(found.group(2))))
-                if not self.port:
-                    self.port = int(found.group(2))
-            found = re.search(r"listening metrics=http://\S+:(\d+)/", line)
-            if found:
-                self.metrics_port = int(found.group(1))
+        assert self.process and self.process.stdout
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            self.on_line(line)
+            self.lines.append(line)
+
+    def on_line(self, line: str) -> None:
+        """Called for every line of output, before it is added to `lines`."""
+
+    def running(self) -> bool:
+        """True while the process runs; raises Exited (with its output) once it has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            time.sleep(0.1)  # let the reader thread take the last lines
+            raise Exited(f"{self.args[2:4]} exited ({self.process.returncode}):\n" + "\n".join(self.lines))
+        return True
 
     def wait_for_log(self, pattern: str, timeout: float = 15.0, after: int = 0) -> str:
-        end = time.monotonic() + timeout
         regex = re.compile(pattern)
-        while time.monotonic() < end:
-            for line in self.lines[after:]:
-                if regex.search(line):
-                    return line
-            if self.process and self.process.poll() is not None and not any(
-                    regex.search(line) for line in self.lines[after:]):
+
+        def logged() -> str | None:
+            found = next((line for line in self.lines[after:] if regex.search(line)), None)
+            if found is None and self.process and self.process.poll() is not None:
                 time.sleep(0.1)
-                for line in self.lines[after:]:
-                    if regex.search(line):
-                        return line
-                raise AssertionError(f"blocker exited ({self.process.returncode}) before logging "
-                                     f"{pattern!r}:\n" + "\n".join(self.lines))
-            time.sleep(0.02)
-        raise AssertionError(f"blocker did not log {pattern!r} within {timeout}s:\n" + "\n".join(self.lines))
+                found = next((line for line in self.lines[after:] if regex.search(line)), None)
+                if found is None:
+                    raise Exited(f"exited ({self.process.returncode}) before logging {pattern!r}:\n"
+                                 + "\n".join(self.lines))
+            return found
+
+        try:
+            return eventually(logged, timeout, 0.02, f"log line {pattern!r}")
+        except AssertionError:
+            raise AssertionError(f"no log line {pattern!r} within {timeout}s:\n" + "\n".join(self.lines)) from None
 
     def signal(self, signum: int) -> None:
         assert self.process
@@ -222,6 +223,37 @@ class Blocker:
                 self.process.wait()
         return self.process.returncode
 
+
+class Blocker(Process):
+    """The real `blocker serve` as a subprocess, on ephemeral loopback ports read back from its log."""
+
+    def __init__(self, config: Path | None, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> None:
+        # `prefix`: e.g. ("ip", "netns", "exec", NAME) to run it in a network namespace.
+        args = [*prefix, sys.executable, "-m", "blocker", "serve"]
+        if config is not None:
+            args += ["--config", str(config)]
+        super().__init__(args, env)
+        self.config = config
+        self.port = 0
+        self.metrics_port = 0
+        self.dns_endpoints: list[tuple[str, int]] = []
+
+    def start(self, expect_ready: bool = True) -> Blocker:
+        super().start()
+        if expect_ready:
+            self.wait_for_log(r" ready ")
+        return self
+
+    def on_line(self, line: str) -> None:
+        found = re.search(r"listening dns=\[?([0-9a-f.:]+?)\]?:(\d+) ", line)
+        if found:
+            self.dns_endpoints.append((found.group(1), int(found.group(2))))
+            if not self.port:
+                self.port = int(found.group(2))
+        found = re.search(r"listening metrics=http://\S+:(\d+)/", line)
+        if found:
+            self.metrics_port = int(found.group(1))
+
     def query(self, name: str, rdtype: str = "A", tcp: bool = False, source: str | None = None,
               use_edns: int | bool = 0, payload: int = 1232, timeout: float = 3.0,
               **kwargs: object) -> dns.message.Message:
@@ -230,10 +262,13 @@ class Blocker:
         return send(q, "127.0.0.1", port=self.port, timeout=timeout, source=source)
 
     def metrics(self) -> str:
-        import urllib.request
+        return scrape(self.metrics_port)
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
+
+def scrape(port: int) -> str:
+    """One scrape of a /metrics endpoint on loopback."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()  # type: ignore[no-any-return]
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -12,7 +12,7 @@ from blocker.blocklists import load_blocklists
 from blocker.errors import ConfigError
 
 SHIPPED = ROOT / "blocklists"
-REFERENCE = ROOT.parent / "shared" / "reference" / "domains"
+REFERENCE = ROOT / "tests" / "data" / "reference"
 
 
 def test_include_reads_plain_hosts_and_adblock_lines(tmp_path: Path) -> None:

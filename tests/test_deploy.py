@@ -34,7 +34,7 @@ def test_every_alert_has_a_unit_test() -> None:
               if case.get("exp_alerts")}
     assert alerts == tested
     assert {"BlockerDown", "BlockerUpstreamsAllFailing", "BlockerServfailRatioHigh", "BlockerLatencyHigh",
-            "BlockerConfigReloadFailing", "BlockerPolicyStale", "BlockerExemptionsExpiringSoon",
+            "BlockerConfigReloadFailing", "BlockerPolicyNotLoaded", "BlockerExemptionsExpiringSoon",
             "BlockerQueryLogDropping"} <= alerts
 
 
@@ -60,11 +60,11 @@ def test_every_dashboard_expression_is_valid_promql(tmp_path: Path) -> None:
 
 def test_dashboard_and_alerts_name_only_metrics_blocker_exports() -> None:
     """Catch a typo in a metric name, which PromQL syntax checks cannot."""
-    exported = set(re.findall(r"^\| `(blocker_\w+)`", (ROOT / "README.md").read_text(), re.M))
-    exported |= {m for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `blocker_")
-                 for m in re.findall(r"`(blocker_\w+)`", line)}
+    exported = {m for line in (ROOT / "README.md").read_text().splitlines() if re.match(r"\| `(blocker|process)_", line)
+                for m in re.findall(r"`((?:blocker|process)_\w+)`", line)}
     texts = "\n".join(dashboard_expressions()) + (DEPLOY / "prometheus" / "alerts.yml").read_text()
-    used = set(re.findall(r"\b(blocker_[a-z_]+)", texts))
+    used = set(re.findall(r"\b((?:blocker|process)_[a-z_]+)", texts))
+    assert {"blocker_dns_queries_total", "blocker_upstream_queries_total"} <= used
     base = {re.sub(r"_(bucket|count|sum)$", "", name) for name in used}
     missing = {name for name in base if name not in exported}
     assert not missing, f"not documented/exported: {missing}"
@@ -96,6 +96,13 @@ def test_compose_stack_is_consistent(tmp_path: Path) -> None:
     blocker_config = yaml.safe_load((DEPLOY / "compose" / "blocker.yaml").read_text())
     assert blocker_config["metrics"]["listen"].endswith(f":{port}")
     assert f"127.0.0.1:{port}:{port}/tcp" in services["blocker"]["ports"]
+    [dns] = blocker_config["dns"]["listen"]
+    dns_port = int(dns.rsplit(":", 1)[1])
+    assert dns_port == 8053  # the container's port, not mDNS's 5353
+    assert {f"127.0.0.1:{dns_port}:{dns_port}/udp", f"127.0.0.1:{dns_port}:{dns_port}/tcp"} <= set(
+        services["blocker"]["ports"])
+    assert f"dig @127.0.0.1 -p {dns_port} " in (DEPLOY / "compose.yaml").read_text()
+    assert f"dig @127.0.0.1 -p {dns_port} " in (ROOT / "README.md").read_text()
     provisioning = DEPLOY / "grafana" / "provisioning"
     datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -59,6 +60,23 @@ def test_dockerfile_passes_hadolint() -> None:
     assert "USER 10001" in text and 'VOLUME ["/etc/blocker"]' in text
 
 
+def endpoint_port(text: str) -> int:
+    return int(text.rsplit(":", 1)[1])
+
+
+def test_container_ports_agree_with_its_config() -> None:
+    config = yaml.safe_load((DEPLOY / "container" / "blocker.yaml").read_text())
+    dns_ports = {endpoint_port(e) for e in config["dns"]["listen"]}
+    metrics_port = endpoint_port(config["metrics"]["listen"])
+    assert dns_ports == {8053}  # unprivileged (uid 10001 cannot bind 53), and not mDNS's 5353
+    text = (ROOT / "Dockerfile").read_text()
+    [expose] = re.findall(r"^EXPOSE (.+)$", text, re.M)
+    assert set(expose.split()) == {f"{p}/{proto}" for p in dns_ports for proto in ("udp", "tcp")} | {
+        f"{metrics_port}/tcp"}
+    [health] = re.findall(r"^HEALTHCHECK .*http://127\.0\.0\.1:(\d+)/healthz", text, re.M)
+    assert int(health) == metrics_port
+
+
 def test_container_default_config_validates(tmp_path: Path) -> None:
     etc = tmp_path / "etc" / "blocker"
     etc.mkdir(parents=True)
@@ -103,7 +121,13 @@ def test_kubernetes_resources_fit_together(rendered: list[dict[str, object]]) ->
     service: dict = by_kind(rendered, "Service")  # type: ignore[assignment]
     monitor: dict = by_kind(rendered, "ServiceMonitor")  # type: ignore[assignment]
     policy: dict = by_kind(rendered, "NetworkPolicy")  # type: ignore[assignment]
-    assert deployment["spec"]["replicas"] >= 3
+    autoscaler: dict = by_kind(rendered, "HorizontalPodAutoscaler")  # type: ignore[assignment]
+    budget: dict = by_kind(rendered, "PodDisruptionBudget")  # type: ignore[assignment]
+    # The autoscaler owns the replica count: a count in the Deployment would be reset on every apply.
+    assert "replicas" not in deployment["spec"]
+    assert autoscaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                    "name": deployment["metadata"]["name"]}
+    assert autoscaler["spec"]["minReplicas"] >= 3 > budget["spec"]["minAvailable"]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -141,3 +165,35 @@ def test_kubernetes_configmaps_hold_every_list_and_validate(rendered: list[dict[
                              str(tmp_path / "etc" / "blocker" / "config" / "blocker.yaml")], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_ports_and_addresses_agree_with_the_config(rendered: list[dict[str, object]]) -> None:
+    """The pod listens where the config says, the Service maps 53 to it, and the NetworkPolicy lets in
+    the config's handset pools and out to its upstreams, and nothing else."""
+    maps = {d["metadata"]["name"]: d["data"] for d in rendered if d["kind"] == "ConfigMap"}  # type: ignore[index]
+    config = yaml.safe_load(maps["blocker-config"]["blocker.yaml"])  # type: ignore[index]
+    assert config == yaml.safe_load((DEPLOY / "kubernetes" / "overlays" / "production" / "blocker.yaml").read_text())
+    deployment: dict = by_kind(rendered, "Deployment")  # type: ignore[assignment]
+    service: dict = by_kind(rendered, "Service")  # type: ignore[assignment]
+    policy: dict = by_kind(rendered, "NetworkPolicy")  # type: ignore[assignment]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    container_ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in container["ports"]}
+    [dns_port] = {endpoint_port(e) for e in config["dns"]["listen"]}
+    metrics_port = endpoint_port(config["metrics"]["listen"])
+    assert 1024 <= dns_port != 5353
+    assert container_ports == {"dns-udp": (dns_port, "UDP"), "dns-tcp": (dns_port, "TCP"),
+                               "metrics": (metrics_port, "TCP")}
+    by_target = {p["targetPort"]: (p["port"], p["protocol"]) for p in service["spec"]["ports"]}
+    assert by_target == {"dns-udp": (53, "UDP"), "dns-tcp": (53, "TCP"), "metrics": (metrics_port, "TCP")}
+    dns_in, metrics_in = policy["spec"]["ingress"]
+    assert {(p["port"], p["protocol"]) for p in dns_in["ports"]} == {(dns_port, "UDP"), (dns_port, "TCP")}
+    assert {f["ipBlock"]["cidr"] for f in dns_in["from"]} == set(config["dns"]["allow_networks"])
+    assert {(p["port"], p["protocol"]) for p in metrics_in["ports"]} == {(metrics_port, "TCP")}
+    [egress] = policy["spec"]["egress"]
+    allowed = [ipaddress.ip_network(t["ipBlock"]["cidr"]) for t in egress["to"]]
+    upstreams = [ipaddress.ip_address(e.rsplit(":", 1)[0].strip("[]")) for e in config["dns"]["upstreams"]]
+    assert all(any(u in n for n in allowed) for u in upstreams), (upstreams, allowed)
+    assert all(any(n.overlaps(ipaddress.ip_network(u)) for u in upstreams) for n in allowed), "egress to a non-upstream"
+    assert {(endpoint_port(e), proto) for e in config["dns"]["upstreams"] for proto in ("UDP", "TCP")} == {
+        (p["port"], p["protocol"]) for p in egress["ports"]}

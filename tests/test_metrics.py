@@ -181,3 +181,25 @@ scrape_configs:
     finally:
         process.terminate()
         process.wait(20)
+
+
+def test_a_scrape_before_any_query_shows_every_known_series_at_zero(knot: Knot, tmp_path: Path) -> None:
+    """Series that exist only after their first increment lose it in rate(): they all start at 0."""
+    server = Blocker(standard_config(tmp_path, [knot.endpoint])).start()
+    try:
+        text = server.metrics()
+    finally:
+        server.stop()
+    for transport in ("udp", "tcp"):
+        for action in ("allowed", "blocked", "exempted", "refused", "error"):
+            assert f'blocker_dns_queries_total{{action="{action}",transport="{transport}"}} 0.0' in text
+        assert f'blocker_dns_malformed_packets_total{{transport="{transport}"}} 0.0' in text
+    for category in ("tiktok", "twitter", "facebook", "instagram", "snapchat", "threads", "whatsapp", "telegram",
+                     "signal", "doh"):
+        assert f'blocker_dns_blocked_total{{category="{category}",group="standard"}} 0.0' in text
+        assert f'blocker_dns_exempted_total{{category="{category}"}} 0.0' in text
+    for result in ("ok", "servfail", "refused", "timeout", "error", "truncated"):
+        assert f'blocker_upstream_queries_total{{result="{result}",upstream="{knot.endpoint}"}} 0.0' in text
+    assert 'blocker_config_reloads_total{result="failure"} 0.0' in text
+    assert metric_value(text, "process_resident_memory_bytes") > 0
+    assert metric_value(text, "process_open_fds") > 0

@@ -15,13 +15,12 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import standard_config
-from helpers import ROOT, Knot, free_port, metric_value, require_tool
+from helpers import ROOT, Knot, Process, eventually, free_port, metric_value, require_tool, scrape
 
 
 class Origin:
@@ -64,49 +63,25 @@ class Origin:
             server.server_close()
 
 
-class Proxy:
-    """`blocker proxy` as a subprocess."""
+class Proxy(Process):
+    """`blocker proxy` as a subprocess, listening once its port accepts connections."""
 
     def __init__(self, config: Path, confdir: Path, port: int, metrics_port: int, extra: list[str]) -> None:
-        args = [sys.executable, "-m", "blocker", "proxy", "--config", str(config), "--",
-                "--set", f"confdir={confdir}", "--set", f"blocker_metrics=127.0.0.1:{metrics_port}", *extra]
+        super().__init__([sys.executable, "-m", "blocker", "proxy", "--config", str(config), "--",
+                          "--set", f"confdir={confdir}", "--set", f"blocker_metrics=127.0.0.1:{metrics_port}",
+                          *extra])
         self.port = port
         self.metrics_port = metrics_port
-        self.process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                time.sleep(0.2)
-                raise AssertionError("blocker proxy exited:\n" + "\n".join(self.output))
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("blocker proxy did not listen:\n" + "\n".join(self.output))
+        self.start()
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.output.append(line.rstrip())
+        def listening() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return self.running()
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        eventually(listening, 30, 0.1, "blocker proxy listening")
 
     def metrics(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
+        return scrape(self.metrics_port)
 
 PROXY_POLICY = """\
 policy:
@@ -236,8 +211,8 @@ def test_proxyauth_any_does_not_let_a_client_claim_a_device(knot: Knot, origin: 
         claimed = curl(*via(proxy, user="MPS-EXEMPT"), "--cacert", str(origin.cert),
                        f"https://media.whatsapp.com:{origin.https_port}/")
         assert "CONNECT tunnel failed, response 451" in claimed.stderr
-        assert any("proxyauth=any accepts every user name" in line for line in proxy.output), proxy.output
-        assert any("proxy ready mode=regular" in line for line in proxy.output), proxy.output
+        assert any("proxyauth=any accepts every user name" in line for line in proxy.lines), proxy.lines
+        assert any("proxy ready mode=regular" in line for line in proxy.lines), proxy.lines
     finally:
         proxy.stop()
 
@@ -295,18 +270,12 @@ def test_other_modes_start_and_listen(knot: Knot, tmp_path: Path, mode: str, kin
     port = free_port()
     config = standard_config(tmp_path, [knot.endpoint], policy=f"proxy:\n  listen: \"127.0.0.1:{port}\"\n"
                              f"  mode: {mode}\n")
-    process = subprocess.Popen([sys.executable, "-m", "blocker", "proxy", "--config", str(config), "--", "--set",
-                                f"confdir={tmp_path}", "--set", "blocker_metrics="], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = Process([sys.executable, "-m", "blocker", "proxy", "--config", str(config), "--", "--set",
+                       f"confdir={tmp_path}", "--set", "blocker_metrics="]).start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not port_in_use(port, kind):
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            time.sleep(0.1)
-        assert port_in_use(port, kind)
+        eventually(lambda: process.running() and port_in_use(port, kind), 20, 0.1, f"{mode} proxy listening")
     finally:
-        process.terminate()
-        assert process.wait(15) == 0
+        assert process.stop() == 0
 
 
 def test_proxy_reloads_its_policy_on_a_file_change(knot: Knot, tmp_path: Path, origin: Origin) -> None:
@@ -318,13 +287,8 @@ def test_proxy_reloads_its_policy_on_a_file_change(knot: Knot, tmp_path: Path, o
         config = tmp_path / "blocker.yaml"
         config.write_text(config.read_text().replace("policy:\n", "policy:\n  groups:\n"
                                                      "    standard: {block: [doh]}\n", 1))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if metric_value(proxy.metrics(), "blocker_proxy_config_reloads_total", {"result": "success"}) == 2:
-                break
-            time.sleep(0.2)
-        text = proxy.metrics()
-        assert metric_value(text, "blocker_proxy_config_reloads_total", {"result": "success"}) == 2
+        eventually(lambda: metric_value(proxy.metrics(), "blocker_proxy_config_reloads_total",
+                                        {"result": "success"}) == 2, 10, 0.2, "the proxy reloaded")
         after = curl("-x", f"http://127.0.0.1:{proxy.port}", url)
         assert after.stdout == f"hello from origin: origin.tiktok.com:{origin.http_port}\n", after.stderr
     finally:

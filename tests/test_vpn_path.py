@@ -14,13 +14,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Knot, require_tool
+from helpers import ROOT, Blocker, Knot, eventually, require_tool
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -99,15 +98,10 @@ def test_handsets_resolve_through_blocker_by_tunnel_address(namespaces: Namespac
             - {{device: HANDSET-1, allow: [whatsapp], approved_by: "Insp. J. Doe", reference: "CHG-VPN-1",
                reason: "Witness liaison", expires: 2099-01-01T00:00:00Z}}
         """))
-    server = subprocess.Popen(spaces.exec(spaces.dns, sys.executable, "-m", "blocker", "serve", "--config",
-                                          str(config)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+    server = Blocker(config, prefix=tuple(spaces.exec(spaces.dns))).start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "status: NOERROR" not in dig(spaces, spaces.h1, "10.99.1.1",
-                                                                          "www.example.test"):
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            time.sleep(0.2)
+        eventually(lambda: "status: NOERROR" in dig(spaces, spaces.h1, "10.99.1.1", "www.example.test"), 20, 0.2,
+                   "the handset resolving through blocker")
         exempt = dig(spaces, spaces.h1, "10.99.1.1", "web.whatsapp.com")
         assert "status: NOERROR" in exempt and "157.240.0.30" in exempt
         other = dig(spaces, spaces.h2, "10.99.2.1", "web.whatsapp.com")
@@ -119,8 +113,7 @@ def test_handsets_resolve_through_blocker_by_tunnel_address(namespaces: Namespac
         # The handsets cannot reach each other's resolver address: each sits alone on its tunnel.
         assert "status:" not in dig(spaces, spaces.h1, "10.99.2.1", "www.example.test")
     finally:
-        server.terminate()
-        server.wait(15)
+        assert server.stop() == 0
         knot.stop()
 
 
@@ -155,9 +148,7 @@ def test_handset_on_a_dynamic_address_is_identified_by_accounting(namespaces: Na
             secret_file: radius.secret
             clients: ["127.0.0.1/32"]
         """))
-    server = subprocess.Popen(spaces.exec(spaces.dns, sys.executable, "-m", "blocker", "serve", "--config",
-                                          str(config)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+    server = Blocker(config, prefix=tuple(spaces.exec(spaces.dns))).start()
 
     def accounting(kind: str) -> bool:
         return bool(subprocess.run(spaces.exec(spaces.dns, sys.executable, "-c", (
@@ -167,19 +158,14 @@ def test_handset_on_a_dynamic_address_is_identified_by_accounting(namespaces: Na
             cwd=ROOT, capture_output=True, text=True, timeout=60).returncode == 0)
 
     def whatsapp_for_h2(expected: str) -> str:
-        deadline = time.monotonic() + 5
-        while True:
+        def answered() -> str:
             answer = dig(spaces, spaces.h2, "10.99.2.1", "web.whatsapp.com")
-            if f"status: {expected}" in answer or time.monotonic() > deadline:
-                return answer
-            time.sleep(0.1)
+            return answer if f"status: {expected}" in answer else ""
+        return eventually(answered, 5, 0.1, f"h2 getting {expected}")
 
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "status: NOERROR" not in dig(spaces, spaces.h1, "10.99.1.1",
-                                                                          "www.example.test"):
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            time.sleep(0.2)
+        eventually(lambda: "status: NOERROR" in dig(spaces, spaces.h1, "10.99.1.1", "www.example.test"), 20, 0.2,
+                   "the handset resolving through blocker")
         assert "blocked: category=whatsapp" in dig(spaces, spaces.h2, "10.99.2.1", "web.whatsapp.com")
         assert accounting("Start")
         assert "157.240.0.30" in whatsapp_for_h2("NOERROR")  # HANDSET-9's exemption, through its binding
@@ -187,6 +173,5 @@ def test_handset_on_a_dynamic_address_is_identified_by_accounting(namespaces: Na
         assert accounting("Stop")
         assert "blocked: category=whatsapp" in whatsapp_for_h2("NXDOMAIN")
     finally:
-        server.terminate()
-        server.wait(15)
+        assert server.stop() == 0
         knot.stop()
