@@ -182,15 +182,28 @@ def test_kubernetes_ports_and_addresses_agree_with_the_config(rendered: list[dic
     [dns_port] = {endpoint_port(e) for e in config["dns"]["listen"]}
     metrics_port = endpoint_port(config["metrics"]["listen"])
     assert 1024 <= dns_port != 5353
+    radius = config["identity"]["radius_accounting"]
+    radius_port = endpoint_port(radius["listen"])
     assert container_ports == {"dns-udp": (dns_port, "UDP"), "dns-tcp": (dns_port, "TCP"),
-                               "metrics": (metrics_port, "TCP")}
+                               "radius-acct": (radius_port, "UDP"), "metrics": (metrics_port, "TCP")}
     by_target = {p["targetPort"]: (p["port"], p["protocol"]) for p in service["spec"]["ports"]}
-    assert by_target == {"dns-udp": (53, "UDP"), "dns-tcp": (53, "TCP"), "metrics": (metrics_port, "TCP")}
-    dns_in, metrics_in = policy["spec"]["ingress"]
+    assert by_target == {"dns-udp": (53, "UDP"), "dns-tcp": (53, "TCP"), "radius-acct": (1813, "UDP"),
+                         "metrics": (metrics_port, "TCP")}
+    dns_in, metrics_in, radius_in = policy["spec"]["ingress"]
     assert {(p["port"], p["protocol"]) for p in dns_in["ports"]} == {(dns_port, "UDP"), (dns_port, "TCP")}
     assert {f["ipBlock"]["cidr"] for f in dns_in["from"]} == set(config["dns"]["allow_networks"])
     assert {(p["port"], p["protocol"]) for p in metrics_in["ports"]} == {(metrics_port, "TCP")}
-    [egress] = policy["spec"]["egress"]
+    # Accounting only from the gateways the config accepts it from.
+    assert {(p["port"], p["protocol"]) for p in radius_in["ports"]} == {(radius_port, "UDP")}
+    assert {f["ipBlock"]["cidr"] for f in radius_in["from"]} == set(radius["clients"])
+    egress, store_egress = policy["spec"]["egress"]
+    [store_pods] = store_egress["to"]
+    labels = store_pods["podSelector"]["matchLabels"]
+    assert labels["app.kubernetes.io/component"] == "binding-store"
+    # The optional store's pods (deploy/kubernetes/optional/valkey.yaml) carry every label the selector asks.
+    valkey = next(yaml.safe_load_all((DEPLOY / "kubernetes" / "optional" / "valkey.yaml").read_text()))
+    assert labels.items() <= valkey["spec"]["template"]["metadata"]["labels"].items()
+    assert config["identity"]["store"]["url"].endswith(f":{store_egress['ports'][0]['port']}/0")
     allowed = [ipaddress.ip_network(t["ipBlock"]["cidr"]) for t in egress["to"]]
     upstreams = [ipaddress.ip_address(e.rsplit(":", 1)[0].strip("[]")) for e in config["dns"]["upstreams"]]
     assert all(any(u in n for n in allowed) for u in upstreams), (upstreams, allowed)
