@@ -87,6 +87,8 @@ class Daemon:
         self.identity = IdentityService(identity, self.clock.time) if IdentityService.wanted(identity) else None
         self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock,
                                  self.identity.table if self.identity else None)
+        # Exported (at zero) even when identity is off: dashboards and alerts see a series, not a gap.
+        self._identity_metrics = IdentityCollector(self.identity or IdentityService(identity, self.clock.time))
         self.listeners = Listeners(self.resolver)
         self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
         self.audit = ExemptionAudit(policy.config.audit.path)  # audit.path: read at start only
@@ -150,8 +152,7 @@ class Daemon:
         if config.metrics.listen is not None:
             gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog)
             try:
-                extra = [IdentityCollector(self.identity)] if self.identity is not None else []
-                self.ops = OpsServer(*config.metrics.listen, make_registry(self.stats, gauges, *extra),
+                self.ops = OpsServer(*config.metrics.listen, make_registry(self.stats, gauges, self._identity_metrics),
                                      lambda: self.ready)
             except OSError as err:
                 log.error("%s", bind_error("for metrics (http)", format_endpoint(*config.metrics.listen), err))

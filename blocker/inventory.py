@@ -107,6 +107,17 @@ def format_network(network: Network) -> str:
     return text if prefix == bits else f"{text}/{prefix}"
 
 
+def with_prefix(network: Network) -> str:
+    """`10.8.0.1/32`: the form `ipaddress` networks print, for messages that compare with theirs."""
+    text = format_network(network)
+    return text if "/" in text else f"{text}/{network[2]}"
+
+
+def _other(device: InventoryDevice, file: str) -> str:
+    """Where another device is: its line in the same file, else FILE:LINE."""
+    return f"line {device.line}" if device.file == file else device.where
+
+
 class AddressTable(Generic[T]):
     """Longest-prefix match over integer networks: one dict per (version, prefix length)."""
 
@@ -150,6 +161,11 @@ class AddressTable(Generic[T]):
                 return (version, start, bits - host_bits), found
         return None
 
+    def prefix_lengths(self, version: int) -> list[int]:
+        """The distinct prefix lengths of one IP version, longest first: one dict probe each per lookup."""
+        bits = 32 if version == 4 else 128
+        return [bits - host for host, _ in self._prefixes[version]]
+
     def items(self) -> Iterator[tuple[Network, T]]:
         for (version, prefix), table in self._tables.items():
             for start, value in table.items():
@@ -175,6 +191,13 @@ class Inventory:
 
     def lookup(self, version: int, value: int) -> InventoryDevice | None:
         return self.table.lookup(version, value)
+
+    def addresses_by_device(self) -> dict[str, list[str]]:
+        """Every device's static addresses as `ADDRESS/PREFIX` text, by id (one pass; for `diff`)."""
+        out: dict[str, list[str]] = {}
+        for network, device in self.table.items():
+            out.setdefault(device.id, []).append(with_prefix(network))
+        return {key: sorted(value) for key, value in out.items()}
 
     def addresses_of(self, device: InventoryDevice) -> list[str]:
         """The static addresses of one device (slow path: scans the table; for `blocker check`)."""
@@ -237,9 +260,9 @@ class _Loader:
         for network in networks:
             held = self.table.add(network, device)
             if held is not None and held is not device:
-                self.duplicates.append(Problem(file, line, f"device '{device_id}' address {format_network(network)} "
-                                                           f"is already device '{held.id}' at {held.where} "
-                                                           "(the first listed keeps it)"))
+                self.duplicates.append(Problem(file, line, f"device '{device_id}': address {with_prefix(network)} "
+                                                           f"is also given to device '{held.id}' "
+                                                           f"({_other(held, file)}), which keeps it"))
 
     def read_csv(self, path: Path) -> None:
         file = str(path)
@@ -366,9 +389,9 @@ class _Loader:
             count += 1
             if count <= MAX_OVERLAP_WARNINGS:
                 found.append(Problem(device.file, device.line,
-                                     f"device '{device.id}' address {format_network((version, start, prefix))} lies "
-                                     f"inside {format_network(outer[0])} of device '{outer[1].id}' at "
-                                     f"{outer[1].where} (the narrower wins)"))
+                                     f"device '{device.id}': address {with_prefix((version, start, prefix))} lies "
+                                     f"inside {with_prefix(outer[0])} of device '{outer[1].id}' "
+                                     f"({_other(outer[1], device.file)}); the narrower wins"))
         if count > MAX_OVERLAP_WARNINGS:
             found.append(Problem(found[0].file, found[0].line,
                                  f"... and {count - MAX_OVERLAP_WARNINGS} more overlapping device addresses"))

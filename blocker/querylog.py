@@ -20,8 +20,8 @@ log = logging.getLogger("blocker")
 
 CAPACITY = 50_000
 # (time, client address, device, name, qtype, action, categories, group, exemption reference,
-#  policy version, latency seconds, rcode, the client: its identity is formatted in the writer thread)
-Entry = tuple[float, str, str | None, str, int, str, tuple[str, ...], str, str | None, str, float, int, Any]
+#  policy version, latency seconds, rcode[, the client: its identity is formatted in the writer thread])
+Entry = tuple[Any, ...]
 
 
 class QueryLog:
@@ -97,8 +97,8 @@ class QueryLog:
 
 
 def format_entry(entry: Entry) -> str:
-    (when, address, device, name, qtype, action, categories, group, reference, version, latency, rcode,
-     client) = entry
+    (when, address, device, name, qtype, action, categories, group, reference, version, latency, rcode) = entry[:12]
+    client = entry[12] if len(entry) > 12 else None  # type: ignore[misc]
     origin = client.origin if client is not None else "default"
     detail = client.detail if client is not None else ""
     record = {

@@ -97,16 +97,16 @@ def test_duplicate_across_files_and_inline(tmp_path: Path) -> None:
     second.write_text("devices:\n  - {id: MPS-2, group: standard, addresses: [10.8.0.1]}\n")
     inventory = load_inventory([first, second], GROUPS)
     assert [str(w) for w in inventory.warnings] == [
-        f"{second}:2: device 'MPS-2' address 10.8.0.1 is already device 'MPS-1' at {first}:2 "
-        "(the first listed keeps it)"]
+        f"{second}:2: device 'MPS-2': address 10.8.0.1/32 is also given to device 'MPS-1' ({first}:2), "
+        "which keeps it"]
 
 
 def test_overlaps_are_warnings_with_both_lines(tmp_path: Path) -> None:
     path = write(tmp_path / "o.csv", "id,group,addresses\nPOOL,standard,10.8.0.0/24\nMPS-1,comms-team,10.8.0.7\n")
     inventory = load_inventory([path], GROUPS)
     assert [str(w) for w in inventory.warnings] == [
-        f"{path}:3: device 'MPS-1' address 10.8.0.7 lies inside 10.8.0.0/24 of device 'POOL' at {path}:2 "
-        "(the narrower wins)"]
+        f"{path}:3: device 'MPS-1': address 10.8.0.7/32 lies inside 10.8.0.0/24 of device 'POOL' (line 2); "
+        "the narrower wins"]
     assert inventory.lookup(*parse_address("10.8.0.7")).id == "MPS-1"  # type: ignore[misc,union-attr]
     assert inventory.lookup(*parse_address("10.8.0.8")).id == "POOL"  # type: ignore[misc,union-attr]
 

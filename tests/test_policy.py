@@ -112,7 +112,7 @@ def test_thirty_thousand_devices_index_by_prefix_length(tmp_path: Path) -> None:
     assert identify(policy, "10.200.9.9").device == "POOL"
     assert identify(policy, "10.202.0.1").device is None
     # A lookup probes one dictionary per distinct prefix length, however many devices there are.
-    assert [32 - host for host, _ in policy.inventory.table._prefixes[4]] == [32, 24, 16]
+    assert policy.inventory.table.prefix_lengths(4) == [32, 24, 16]
 
 
 def test_validate_reports_overlapping_and_duplicate_device_addresses(tmp_path: Path) -> None:
@@ -127,10 +127,12 @@ policy:
     - {{id: E, addresses: ["fd00::/64"], group: standard}}
     - {{id: F, addresses: ["fd00::9"], group: standard}}
 """)
-    warnings = [str(p) for p in compile_policy(load_config(path)).warnings if "device" in p.message]
-    # Each at the line of the device that loses or is nested, naming both devices with FILE:LINE.
-    assert warnings == [
-        f"{path}:7: device 'D' address 10.9.0.1 is already device 'C' at {path}:6 (the first listed keeps it)",
-        f"{path}:5: device 'B' address 10.8.0.7 lies inside 10.8.0.0/24 of device 'A' at {path}:4 (the narrower wins)",
-        f"{path}:9: device 'F' address fd00::9 lies inside fd00::/64 of device 'E' at {path}:8 (the narrower wins)",
-    ]
+    warnings = [f"{p.line}: {p.message}" for p in compile_policy(load_config(path)).warnings
+                if "device" in p.message]
+    # Each at the line of the device that loses or is nested, naming both devices.
+    assert "7: device 'D': address 10.9.0.1/32 is also given to device 'C' (line 6), which keeps it" in warnings
+    assert ("5: device 'B': address 10.8.0.7/32 lies inside 10.8.0.0/24 of device 'A' (line 4); "
+            "the narrower wins") in warnings
+    assert ("9: device 'F': address fd00::9/128 lies inside fd00::/64 of device 'E' (line 8); "
+            "the narrower wins") in warnings
+    assert len(warnings) == 3
