@@ -6,7 +6,8 @@ drives the resolver's own `handle()` in process from 100,000 source addresses, a
 upstream (allowed names are forwarded once, then cached). Binding churn is included: one binding
 changes every CHURN_EVERY queries (an interim with a new device), so the memo keeps forgetting.
 
-    python3 bench/identity.py [--queries 400000]
+    python3 bench/identity.py [--queries 600000] [--rounds 12]
+    python3 bench/identity.py --dnsperf [--rounds 4] [--seconds 10]   # the real server, dnsperf, one core
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import gc
 import json
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -100,7 +102,8 @@ async def run(resolver: Resolver, stream: list[tuple[bytes, str]], bindings: Bin
         reply = resolver.handle(data, source, "udp")
         if reply is not None and not isinstance(reply, bytes):
             await reply
-        if bindings is not None and n % CHURN_EVERY == 0:
+        # The same test on both sides, so the loop costs both the same; only "with" has bindings to change.
+        if n % CHURN_EVERY == 0 and bindings is not None:
             i = rng.randrange(DEVICES // 2, DEVICES)
             bindings.bind(parse_network(address(i)), f"MPS-{rng.randrange(DEVICES):06d}", "gw", time.time(),  # type: ignore[arg-type]
                           time.time() + 3600)
@@ -173,13 +176,88 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         knot.wait(10)
 
 
+def end_to_end(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    """The real server (pinned to CPU 0) under dnsperf (CPU 1) on the 80/20 mix, without and with 100,000
+    inventory devices and 100,000 bindings (restored from a snapshot; dnsperf's 127.0.0.1 is one of them)."""
+    from blocker.bindings import Binding, write_snapshot
+
+    def tool(name: str) -> str:
+        found = shutil.which(name)
+        if found is None:
+            sys.exit(f"bench: {name} is missing (bench/run installs it)")
+        return found
+
+    def pinned(cpu: str, command: list[str]) -> list[str]:
+        return [tool("taskset"), "-c", cpu, *command]
+
+    knot, port = start_knot(workdir)
+    try:
+        with (workdir / "devices.csv").open("w") as out:
+            out.write("id,group,addresses\n")
+            for i in range(DEVICES):
+                out.write(f"MPS-{i:06d},standard,{address(i) if i < DEVICES // 2 else ''}\n")
+        now = time.time()
+        rows = [Binding(parse_network(f"10.{200 + i // 65536}.{i // 256 % 256}.{i % 256}"),  # type: ignore[arg-type]
+                        f"MPS-{i:06d}", "gw", now, now + 7200).as_row() for i in range(DEVICES - 1)]
+        rows.append(Binding((4, 0x7F000001, 32), "MPS-000001", "gw", now, now + 7200).as_row())
+        write_snapshot(rows, workdir / "bindings.json", now)
+        (workdir / "radius.secret").write_text("bench\n")
+        base = (f"dns:\n  listen: [\"127.0.0.1:0\"]\n  upstreams: [\"127.0.0.1:{port}\"]\n"
+                f"metrics:\n  listen: null\nblocklists: \"{ROOT / 'blocklists'}\"\n")
+        configs = {"without": base,
+                   "with": base + ("policy:\n  inventory: [devices.csv]\nidentity:\n  snapshot: bindings.json\n"
+                                   "  radius_accounting: {listen: \"127.0.0.1:0\", secret_file: radius.secret, "
+                                   "clients: [\"127.0.0.1/32\"]}\n")}
+        rng = random.Random(1)
+        blocked = ["www.tiktok.com", "www.facebook.com", "api.twitter.com", "www.instagram.com", "web.whatsapp.com"]
+        lines = [f"{rng.choice(blocked)} A" if i % 5 == 0 else f"a{rng.randrange(ALLOWED)}.bench.test A"
+                 for i in range(10_000)]
+        (workdir / "mix.txt").write_text("\n".join(lines) + "\n")
+        qps: dict[str, list[float]] = {"without": [], "with": []}
+        for round_ in range(args.rounds):
+            for label in (("without", "with") if round_ % 2 == 0 else ("with", "without")):
+                config = workdir / f"{label}.yaml"
+                config.write_text(configs[label])
+                server = subprocess.Popen(pinned("0", [sys.executable, "-m", "blocker", "serve", "--config",
+                                                       str(config)]), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                try:
+                    dns_port = 0
+                    assert server.stderr is not None
+                    for line in server.stderr:
+                        found = re.search(r"listening dns=127\.0\.0\.1:(\d+)", line)
+                        dns_port = int(found.group(1)) if found else dns_port
+                        if " ready " in line:
+                            break
+                    subprocess.run([tool("dnsperf"), "-s", "127.0.0.1", "-p", str(dns_port), "-d",
+                                    str(workdir / "mix.txt"), "-n", "1", "-q", "50"], capture_output=True, timeout=120)
+                    out = subprocess.run(pinned("1", [tool("dnsperf"), "-s", "127.0.0.1", "-p", str(dns_port), "-d",
+                                                      str(workdir / "mix.txt"), "-c", "8", "-q", "500", "-t", "2",
+                                                      "-l", str(args.seconds)]),
+                                         capture_output=True, text=True, timeout=args.seconds + 60).stdout
+                    qps[label].append(float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1)))  # type: ignore[union-attr]
+                finally:
+                    server.terminate()
+                    server.wait(20)
+        median = {label: statistics.median(values) for label, values in qps.items()}
+        return {"dnsperf_qps_without": qps["without"], "dnsperf_qps_with": qps["with"],
+                "dnsperf_cpu_us_per_query_without": round(1e6 / median["without"], 2),
+                "dnsperf_cpu_us_per_query_with": round(1e6 / median["with"], 2),
+                "dnsperf_increase_percent": round((median["without"] / median["with"] - 1) * 100, 1)}
+    finally:
+        knot.terminate()
+        knot.wait(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=600_000, help="measured queries, over all rounds")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--dnsperf", action="store_true",
+                        help="instead: the real server under dnsperf (one source address), QPS on one core")
+    parser.add_argument("--seconds", type=int, default=10, help="per dnsperf run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="blocker-identity-bench-") as tmp:
-        results = asyncio.run(measure(args, Path(tmp)))
+        results = end_to_end(args, Path(tmp)) if args.dnsperf else asyncio.run(measure(args, Path(tmp)))
     print(json.dumps(results, indent=2))
 
 
