@@ -518,19 +518,17 @@ def _list_exemptions(args: argparse.Namespace, now: datetime) -> int:
 
 def run_diff(args: argparse.Namespace) -> int:
     from blocker import policydiff
-    from blocker.config import load_config
-    from blocker.policy import compile_policy
 
     try:
         new = load_policy(args.config)
         names = policydiff.read_names(args.names) if args.names else []
         if args.against is not None:
-            old = load_policy(args.against)
+            old = policydiff.load_old(args.against, new)
             result = policydiff.diff_policies(old, new, datetime.now(UTC), names)
         else:
             with policydiff.temporary_folder() as folder:
                 old_config = policydiff.export_revision(args.config, args.git, Path(folder))
-                old = compile_policy(load_config(old_config))
+                old = policydiff.load_old(old_config, new)
                 result = policydiff.diff_policies(old, new, datetime.now(UTC), names, old_label=args.git,
                                                   old_root=Path(folder))
     except ConfigError as err:

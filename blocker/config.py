@@ -338,7 +338,7 @@ def _dns(read: Reader, node: yaml.Node | None, warnings: Collector) -> DnsConfig
 
 
 def _block_response(read: Reader, node: yaml.Node) -> BlockResponse:
-    # SPEC writes `block_response: null` unquoted; YAML reads that as a null, so the word is taken as written.
+    # The documented form is `block_response: null`, unquoted: YAML reads a null, so the word is taken as written.
     if isinstance(node, yaml.ScalarNode) and node.value == "null":
         return BlockResponse("null")
     text = read.string(node, "dns.block_response")

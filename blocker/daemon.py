@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import signal
-import sys
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from blocker.clock import Clock
 from blocker.errors import ConfigError
 from blocker.httpd import OpsServer
 from blocker.identity import IdentityCollector, IdentityService
+from blocker.logs import setup_logging
 from blocker.metrics import Gauges, Stats, make_registry
 from blocker.policy import Policy
 from blocker.querylog import QueryLog
@@ -38,17 +37,6 @@ from blocker.yamlfile import format_endpoint
 log = logging.getLogger("blocker")
 
 DRAIN_SECONDS = 3.0
-
-
-def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter("%(asctime)s blocker %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    root = logging.getLogger("blocker")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
 
 
 def log_problems(prefix: str, err: ConfigError) -> None:
@@ -128,6 +116,7 @@ class Daemon:
         log.info("stopping: draining queries in flight")
         self.ready = False
         watcher.cancel()
+        self.source.close()  # a reload still running swaps nothing in now
         await self.listeners.close(DRAIN_SECONDS)
         if self.identity is not None:
             await self.identity.stop()

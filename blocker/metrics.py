@@ -104,7 +104,7 @@ class Stats:
                 self.upstream_results.setdefault((name, result), 0)
             self.upstream_duration.setdefault(name, Histogram())
 
-    def query_cell(self, transport: str, action: str) -> list[int]:
+    def query_cell(self, transport: str, action: Action) -> list[int]:
         cell = self.queries.get((transport, action))
         if cell is None:
             cell = self.queries[(transport, action)] = [0]
@@ -116,11 +116,11 @@ class Stats:
             cell = self.blocked[(category, group)] = [0]
         return cell
 
-    def answered(self, transport: str, action: str, category: str | None, group: str, duration: float) -> None:
+    def answered(self, transport: str, action: Action, category: str | None, group: str, duration: float) -> None:
         """One query answered as `action`; a blocked one also counts under its category and group."""
         self.query_cell(transport, action)[0] += 1
         self.duration.observe(duration)
-        if category is not None and action == "blocked":
+        if category is not None and action is Action.BLOCKED:
             self.blocked_cell(category, group)[0] += 1
 
     def exempt(self, category: str) -> None:

@@ -31,11 +31,11 @@ if __package__ in (None, ""):  # loaded by path with `mitmdump -s`: make the pac
 
 from blocker.clients import Client, identify
 from blocker.clock import Clock
-from blocker.daemon import setup_logging
 from blocker.domains import InvalidName, normalize
 from blocker.errors import ConfigError
 from blocker.httpd import OpsServer
 from blocker.identity import IdentityService
+from blocker.logs import setup_logging
 from blocker.message import read_question
 from blocker.metrics import Stats
 from blocker.policy import Action, Decision, Policy, decide
@@ -86,7 +86,12 @@ class BlockerAddon:
         return self.source.policy if self.source is not None else None
 
     def load(self, loader: Loader) -> None:
-        setup_logging()
+        from mitmproxy.tools.dump import DumpMaster
+
+        # Under mitmdump (`blocker proxy`, run --quiet) blocker's lines go to stderr as the resolver's
+        # do; elsewhere (mitmproxy's console, tests) they go through mitmproxy's own log.
+        if isinstance(ctx.master, DumpMaster) and not logging.getLogger("blocker").handlers:
+            setup_logging()
         loader.add_option("blocker_config", Optional[str], None, "blocker's config file (YAML)")  # noqa: UP045
         loader.add_option("blocker_bare_ip", str, "allow",
                           "what to do with a connection to a bare IP address without SNI: allow or block")
@@ -111,8 +116,13 @@ class BlockerAddon:
                 self.stats.reloaded(False)
                 # mitmproxy keeps the old options (and so the old policy) when configure raises.
                 raise exceptions.OptionsError(f"blocker_config rejected:\n{err}") from None
+            if self.source is not None:
+                self.source.close()
             self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
             self._loaded(policy, "configure", 0.0)
+            if self._watcher is not None:  # already running: watch the new files instead
+                self._watcher.cancel()
+                self._watcher = asyncio.get_running_loop().create_task(self.source.watch())
 
     def _loaded(self, policy: Policy, why: str, milliseconds: float) -> None:
         self.upstreams = follow_config(self.upstreams, policy.config.dns, self.upstream_stats)
@@ -164,6 +174,8 @@ class BlockerAddon:
         if self.identity is not None:
             for task in self.identity._tasks:
                 task.cancel()
+        if self.source is not None:
+            self.source.close()
         if self._ops is not None:
             self._ops.stop()
         if self.upstreams is not None:
@@ -210,11 +222,12 @@ class BlockerAddon:
         return str(credentials[0]) if credentials else None
 
     def _count(self, kind: str, decision: Decision, client: Client, host: str) -> None:
-        action = "blocked" if decision.action in (Action.BLOCKED, Action.REFUSED) else decision.action.value
+        # A refused client counts as blocked: the proxy answers both the same way.
+        action = Action.BLOCKED if decision.action in (Action.BLOCKED, Action.REFUSED) else decision.action
         self.stats.request(kind, action, decision.category or "none")
         if ctx.options.blocker_log_requests:
-            log.info("proxy %s %s category=%s device=%s client=%s host=%s", kind, action, decision.category or "-",
-                     client.device or "-", client.address, host)
+            log.info("proxy %s %s category=%s device=%s client=%s host=%s", kind, action.value,
+                     decision.category or "-", client.device or "-", client.address, host)
 
     # --- hooks ---------------------------------------------------------------------------------
 

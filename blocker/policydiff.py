@@ -9,6 +9,7 @@ whose decision flips for a group. `--git REV` compares with the same config file
 
 from __future__ import annotations
 
+import filecmp
 import io
 import subprocess
 import tarfile
@@ -109,6 +110,8 @@ def _kinds(entry: object, cache: dict[int, frozenset[tuple[str, bool]]]) -> froz
 def _rules(result: PolicyDiff, old: Policy, new: Policy, old_label: str | None, old_root: Path | None) -> None:
     """Rules added and removed per category: key-set differences of the two indexes (C speed), then
     a comparison of the names both have, and the patterns."""
+    if old.lists is new.lists:
+        return  # the same files (see `load_old`): no rule differs
     before, after = old.lists.index, new.lists.index
     b_exact, a_exact = before.exact_rules(), after.exact_rules()
     added: dict[RuleKey, tuple[str, int]] = {}
@@ -259,6 +262,29 @@ def _action(policy: Policy, group: str, name: str, categories: frozenset[str], n
         return "no group"
     decision = decide_categories(policy, Client("-", None, group, True), name, categories, now)
     return f"{decision.action.value} ({decision.category})" if decision.category else decision.action.value
+
+
+def load_old(config: Path, new: Policy) -> Policy:
+    """The old policy; its lists are the new ones, not compiled again, when the two lists folders
+    hold the same files with the same bytes (a change of devices or exemptions only)."""
+    from blocker.config import load_config
+    from blocker.policy import compile_policy
+
+    old_config = load_config(config)
+    lists = new.lists if _same_tree(old_config.blocklists, new.lists.folder, new.lists.files) else None
+    return compile_policy(old_config, lists)
+
+
+def _same_tree(old: Path, new: Path, files: tuple[Path, ...]) -> bool:
+    try:
+        if any(not path.resolve().is_relative_to(new.resolve()) for path in files):
+            return False  # an include outside the folder: compare by compiling
+        names = sorted(p.relative_to(new) for p in new.rglob("*") if p.is_file())
+        if names != sorted(p.relative_to(old) for p in old.rglob("*") if p.is_file()):
+            return False
+        return all(filecmp.cmp(old / name, new / name, shallow=False) for name in names)
+    except OSError:
+        return False
 
 
 def read_names(path: Path) -> list[str]:

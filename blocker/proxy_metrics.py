@@ -26,13 +26,13 @@ class ProxyStats:
 
     def prepare(self, categories: Iterable[str]) -> None:
         """Create the series a policy can produce, at 0 (so `rate()` sees the first decisions)."""
-        for category in (*categories, "none"):
+        for category in (*categories, "none", "ip_literal", "invalid_name"):
             for action in (Action.ALLOWED, Action.BLOCKED, Action.EXEMPTED):
                 self.requests.setdefault((action.value, category), 0)
 
-    def request(self, stage: str, action: str, category: str) -> None:
+    def request(self, stage: str, action: Action, category: str) -> None:
         """One decision: `stage` is connect (CONNECT), tls (ClientHello SNI) or http (plain request)."""
-        key = (action, category)
+        key = (action.value, category)
         self.requests[key] = self.requests.get(key, 0) + 1
         self.stages[stage] = self.stages.get(stage, 0) + 1
 

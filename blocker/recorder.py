@@ -29,15 +29,30 @@ class Recorder:
 
     def answered(self, transport: str, address: str, client: Client | None, qname: str, qtype: int,
                  action: Action, category: str | None, categories: tuple[str, ...], exemption: str | None,
-                 reply: bytes, started: float) -> bytes:
-        """One query answered as `action`; returns its reply."""
+                 reply: bytes, started: float, internal: bool = False) -> bytes:
+        """One query answered as `action` (`internal`: SERVFAIL because answering it raised);
+        returns its reply."""
         group = client.group if client is not None else ""
+        if internal:
+            self.internal_error()
+        if action is Action.EXEMPTED and category is not None:
+            self.stats.exempt(category)
         self.stats.answered(transport, action, category, group, time.perf_counter() - started)
         if client is not None and client.unidentified_vpn:
             self.stats.unidentified_vpn += 1
         if self.querylog is not None:
             self._log(address, client, qname, qtype, action, categories, exemption, reply, started)
         return reply
+
+    def internal_error(self) -> None:
+        """Handling a query raised (it is answered SERVFAIL, and recorded as answered apart)."""
+        self.stats.internal_errors += 1
+
+    def cells(self, transport: str, action: Action, category: str | None,
+              group: str) -> tuple[list[int], list[int] | None]:
+        """The metric cells a remembered answer counts in each time it is served again."""
+        blocked = self.stats.blocked_cell(category, group) if action is Action.BLOCKED and category else None
+        return self.stats.query_cell(transport, action), blocked
 
     def unreadable(self, transport: str, started: float, malformed: bool) -> None:
         """A packet answered FORMERR, NOTIMP or BADVERS (counted as an error; not in the query log)."""

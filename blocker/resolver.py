@@ -63,7 +63,7 @@ class Resolver:
         self.bindings = bindings
         self.upstreams = upstreams
         self.recorder = recorder
-        self.stats = recorder.stats
+        self.stats = recorder.stats  # for the listeners' own counters (TCP connections)
         self.clock = clock or recorder.clock
         self.memo = PolicyMemo(policy, bindings)
         recorder.version = policy.version
@@ -86,6 +86,16 @@ class Resolver:
     def handle(self, data: bytes, address: str, transport: str) -> Reply:
         """The answer to one packet: bytes now, None to drop, or a coroutine that forwards it."""
         started = time.perf_counter()
+        try:
+            return self._handle(data, address, transport, started)
+        except Exception:
+            # Outside a parsed query (the memo, the parser): a header-only SERVFAIL, if answerable.
+            log.exception("error while answering a packet from %s", address)
+            self.recorder.internal_error()
+            self.recorder.unreadable(transport, started, malformed=False)
+            return error_answer(data, RCODE_SERVFAIL)
+
+    def _handle(self, data: bytes, address: str, transport: str, started: float) -> Reply:
         memo = self.memo
         found = memo.lookup(data, address, transport, self.clock.monotonic())
         if found is not None:
@@ -112,15 +122,19 @@ class Resolver:
 
     def _internal_error(self, request: _Request) -> bytes:
         log.exception("error while answering a query for %s", request.query.qname)
-        self.stats.internal_errors += 1
-        return self._done(request, request.memo.answers.internal_error(request.query), Action.ERROR)
+        reply = request.memo.answers.internal_error(request.query)
+        try:
+            return self._done(request, reply, Action.ERROR, internal=True)
+        except Exception:
+            log.exception("error while recording an internal error")
+            return reply
 
     def _done(self, request: _Request, reply: bytes, action: Action, category: str | None = None,
-              categories: frozenset[str] = frozenset(), exemption: str | None = None) -> bytes:
+              categories: frozenset[str] = frozenset(), exemption: str | None = None, internal: bool = False) -> bytes:
         query = request.query
         return self.recorder.answered(request.transport, request.address, request.client, query.qname, query.qtype,
                                       action, category, tuple(sorted(categories)), exemption, reply,
-                                      request.started)
+                                      request.started, internal)
 
     def _answer(self, request: _Request) -> Reply:
         memo, query = request.memo, request.query
@@ -148,12 +162,10 @@ class Resolver:
         if memo is not self.memo or not memo.may_remember(request.address):
             return
         group = request.client.group  # type: ignore[union-attr]
-        stats = self.stats
+        counter, blocked_counter = self.recorder.cells(request.transport, action, category, group)
         memo.remember((request.transport, group, request.data[2:]),
                       MemoHit(reply[2:], action, category, valid_until, request.query.qname, request.query.qtype,
-                              tuple(sorted(categories)), stats.query_cell(request.transport, action),
-                              stats.blocked_cell(category, group) if action is Action.BLOCKED and category
-                              else None))
+                              tuple(sorted(categories)), counter, blocked_counter))
 
     def _blocked(self, request: _Request, decision: Decision, remember: bool) -> bytes:
         category = decision.category or ""
@@ -168,7 +180,7 @@ class Resolver:
             wire = await self.upstreams.forward(query)
         except Exception:
             log.exception("error while forwarding a query for %s", query.qname)
-            self.stats.internal_errors += 1
+            self.recorder.internal_error()  # then answered SERVFAIL, as when no upstream answers
             wire = None
         try:
             answers = request.memo.answers
@@ -203,7 +215,6 @@ class Resolver:
         categories = decision.categories if decision is not None else frozenset()
         if exempted:
             assert decision is not None and decision.exemption is not None
-            self.stats.exempt(decision.category or "")
             return self._done(request, reply, Action.EXEMPTED, decision.category, categories,
                               decision.exemption.reference)
         # A SERVFAIL passed on from the upstreams is an error for the dashboards and alerts, not an answer.

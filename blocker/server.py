@@ -52,7 +52,11 @@ class UdpListener(asyncio.DatagramProtocol):
         task.add_done_callback(self.tasks.discard)
 
     async def _finish(self, pending: Coroutine[Any, Any, bytes | None], addr: tuple[Any, ...]) -> None:
-        reply = await pending  # the resolver's coroutine answers SERVFAIL itself rather than raise
+        try:
+            reply = await pending  # the resolver's coroutine answers SERVFAIL itself rather than raise
+        except Exception:  # a last resort: never let one query's failure escape into the loop
+            log.exception("error while answering a query from %s", addr[0])
+            return
         if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
@@ -109,7 +113,11 @@ class TcpListener:
             writer.close()
 
     async def _finish(self, pending: Coroutine[Any, Any, bytes | None], writer: asyncio.StreamWriter) -> None:
-        reply = await pending
+        try:
+            reply = await pending  # the resolver's coroutine answers SERVFAIL itself rather than raise
+        except Exception:  # a last resort: never let one query's failure escape into the loop
+            log.exception("error while answering a TCP query")
+            return
         if reply is not None and not writer.is_closing():
             writer.write(struct.pack("!H", len(reply)) + reply)
             with contextlib.suppress(ConnectionError):

@@ -37,9 +37,9 @@ class PolicySource:
         self._on_loaded = on_loaded
         self._on_rejected = on_rejected
         self._signature = file_signature(policy, config_path)
-        self._lists_signature = lists_signature(policy.lists)
         self._running: asyncio.Task[bool] | None = None
         self._again = False
+        self._closed = False
 
     @staticmethod
     def load(config_path: Path | None) -> Policy:
@@ -47,66 +47,89 @@ class PolicySource:
         return load_policy(config_path)
 
     def changed(self) -> bool:
-        """Whether any file of the policy changed since the last load attempt."""
+        """Whether any file of the policy changed since it was last read."""
         return file_signature(self.policy, self.config_path) != self._signature
 
     async def reload(self, why: str) -> bool:
         """Load again; requests during a running reload are coalesced into one more run after it."""
+        if self._closed:
+            return False
         if self._running is None or self._running.done():
             self._running = asyncio.ensure_future(self._settle(why))
         else:
             self._again = True
         return await asyncio.shield(self._running)
 
+    def close(self) -> None:
+        """Stop: a reload still running is cancelled and nothing is swapped in after this."""
+        self._closed = True
+        if self._running is not None:
+            self._running.cancel()
+
     async def _settle(self, why: str) -> bool:
         ok = await self._reload_once(why)
-        while self._again:
+        while self._again and not self._closed:
             self._again = False
             ok = await self._reload_once(f"{why}, coalesced")
         return ok
 
     async def _reload_once(self, why: str) -> bool:
         started = time.perf_counter()
-        # Taken before reading, so a change made during the load is seen by the next poll.
-        signature = file_signature(self.policy, self.config_path)
-        reuse = self.policy.lists if lists_signature(self.policy.lists) == self._lists_signature else None
+        old = self.policy
+        # Stats taken before reading: a file changed while it is being read then differs from what
+        # is recorded, and the next poll reloads it (and does not reuse lists read half-old).
+        known = dict(_stats(_all_files(old, self.config_path)))
+        listing = _listing(old.lists.folder)
+        before = file_signature(old, self.config_path, known, listing)
+        reuse = old.lists if before[0] == self._signature[0] else None
         loop = asyncio.get_running_loop()
         try:
             policy = await loop.run_in_executor(None, _load, self.config_path, reuse)
         except Exception as err:  # ConfigError, or a bug: either way the running policy stays
-            self._signature = signature
-            self._on_rejected(err, why)
+            if not self._closed:
+                self._signature = before
+                self._on_rejected(err, why)
+            return False
+        if self._closed:
             return False
         self.policy = policy
-        self._signature = file_signature(policy, self.config_path)
-        self._lists_signature = lists_signature(policy.lists)
+        # Files the new policy reads for the first time (a new include) are stat'ed now.
+        self._signature = file_signature(policy, self.config_path, known,
+                                         listing if policy.lists.folder == old.lists.folder else None)
         self._on_loaded(policy, why, (time.perf_counter() - started) * 1000)
         return True
 
     async def watch(self, tick: Callable[[], None] | None = None) -> None:
         """Poll the files every second (a Kubernetes ConfigMap swaps a symlink: no inotify event)
-        and reload on a change; `tick` runs on every poll (the daemon's exemption transitions)."""
-        while True:
+        and reload on a change; `tick` runs on every poll (the daemon's exemption transitions).
+        An error in one round is logged and the next round runs: watching never stops by itself."""
+        while not self._closed:
             await asyncio.sleep(POLL_SECONDS)
-            if tick is not None:
-                tick()
-            if self.changed():
-                await self.reload("file change")
+            try:
+                if tick is not None:
+                    tick()
+                if self.changed():
+                    await self.reload("file change")
+            except Exception:
+                log.exception("policy watch: error in one round (the next runs in %.0f s)", POLL_SECONDS)
 
 
 def _load(config_path: Path | None, lists: Blocklists | None) -> Policy:
     return load_policy(config_path, lists)
 
 
-def _stats(paths: list[Path]) -> tuple[object, ...]:
-    stats: list[object] = []
-    for path in paths:
-        try:
-            st = path.stat()
-            stats.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            stats.append((str(path), None))
-    return tuple(stats)
+def _stat(path: Path) -> object:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _stats(paths: list[Path], known: dict[str, object] | None = None) -> tuple[tuple[str, object], ...]:
+    """(path, stat) per path; a stat in `known` (taken earlier, before a read) is used as it is."""
+    return tuple((str(path), known[str(path)] if known is not None and str(path) in known else _stat(path))
+                 for path in paths)
 
 
 def _listing(folder: Path) -> tuple[str, ...]:
@@ -116,16 +139,28 @@ def _listing(folder: Path) -> tuple[str, ...]:
         return ()
 
 
-def lists_signature(lists: Blocklists) -> Signature:
-    """What changes when a list file, an included file or the set of list files changes."""
-    return (_listing(lists.folder), _stats(list(lists.files)))
-
-
-def file_signature(policy: Policy, config_path: Path | None = None) -> Signature:
-    """What changes when any file of the policy changes (content, symlink target, new list files)."""
+def _own_files(policy: Policy, config_path: Path | None) -> list[Path]:
+    """The files of a policy besides its lists: the config and the files it names."""
     source = config_path or policy.config.source
     paths = [source] if source is not None else []
     if policy.config.policy.exemptions_file is not None:
         paths.append(policy.config.policy.exemptions_file)
     paths.extend(policy.inventory.files)
-    return (lists_signature(policy.lists), _stats(paths))
+    return paths
+
+
+def _all_files(policy: Policy, config_path: Path | None) -> list[Path]:
+    return [*policy.lists.files, *_own_files(policy, config_path)]
+
+
+def lists_signature(lists: Blocklists, known: dict[str, object] | None = None,
+                    listing: tuple[str, ...] | None = None) -> Signature:
+    """What changes when a list file, an included file or the set of list files changes."""
+    return (listing if listing is not None else _listing(lists.folder), _stats(list(lists.files), known))
+
+
+def file_signature(policy: Policy, config_path: Path | None = None, known: dict[str, object] | None = None,
+                   listing: tuple[str, ...] | None = None) -> Signature:
+    """What changes when any file of the policy changes (content, symlink target, new list files);
+    its first element is the lists' own signature."""
+    return (lists_signature(policy.lists, known, listing), _stats(_own_files(policy, config_path), known))

@@ -72,7 +72,7 @@ class Upstreams:
         self.forwarding = 0  # queries waiting on `forward` now
         self._channels: dict[Endpoint, _UdpChannel] = {}
         self._opening: dict[Endpoint, asyncio.Lock] = {}
-        self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}
+        self._inflight: dict[bytes, asyncio.Future[bytes | None]] = {}  # question -> its shared query
 
     @property
     def busy(self) -> bool:
@@ -80,25 +80,19 @@ class Upstreams:
         return self.forwarding >= self.max_forwards
 
     async def forward(self, query: Query) -> bytes | None:
-        """`resolve`, with identical questions in flight at the same time sharing one upstream query."""
+        """`resolve`, with identical questions in flight at the same time sharing one upstream query.
+
+        The shared query runs in a task of its own: a client that goes away (its TCP connection
+        closed, its task cancelled) stops waiting, but the others still get the answer.
+        """
         key = query.cache_key
         self.forwarding += 1
         try:
-            waiting = self._inflight.get(key)
-            if waiting is not None:
-                return await asyncio.shield(waiting)
-            future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-            self._inflight[key] = future
-            try:
-                wire = await self.resolve(query)
-                future.set_result(wire)
-                return wire
-            except BaseException as err:
-                future.set_exception(err)
-                future.exception()  # marks it retrieved when nobody else waits
-                raise
-            finally:
-                del self._inflight[key]
+            shared = self._inflight.get(key)
+            if shared is None:
+                shared = self._inflight[key] = asyncio.ensure_future(self.resolve(query))
+                shared.add_done_callback(lambda done: self._settled(key, done))
+            return await asyncio.shield(shared)
         finally:
             self.forwarding -= 1
 
@@ -115,6 +109,11 @@ class Upstreams:
             _transport, channel = await loop.create_datagram_endpoint(_UdpChannel, remote_addr=endpoint)
             self._channels[endpoint] = channel
             return channel
+
+    def _settled(self, key: bytes, done: asyncio.Future[bytes | None]) -> None:
+        self._inflight.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved, even when every waiter went away
 
     async def resolve(self, query: Query) -> bytes | None:
         """The first good upstream answer, else the last SERVFAIL/REFUSED seen, else None."""
@@ -190,7 +189,8 @@ def follow_config(current: Upstreams | None, dns: DnsConfig, stats: Stats) -> Up
     stats.prepare_upstreams(fresh.names)
     if current is not None:
         try:
-            asyncio.get_running_loop().call_later(current.timeout * len(current.endpoints) + 1, current.close)
+            # A query may wait twice the timeout on each upstream (UDP, then TCP after truncation).
+            asyncio.get_running_loop().call_later(2 * current.timeout * len(current.endpoints) + 1, current.close)
         except RuntimeError:  # no loop yet: nothing can be waiting on it
             current.close()
     return fresh

@@ -31,11 +31,12 @@ def refusing_knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Knot]:
 
 
 def standard_config(directory: Path, upstreams: list[str], extra_dns: str = "", policy: str = "",
-                    blocklists: Path = SHIPPED, name: str = "blocker.yaml") -> Path:
+                    blocklists: Path = SHIPPED, name: str = "blocker.yaml", upstream_timeout: float = 0.5) -> Path:
     """A config on ephemeral loopback ports; `extra_dns` and `policy` are YAML snippets."""
     upstream_list = ", ".join(f'"{u}"' for u in upstreams)
     dns_extra = textwrap.indent(textwrap.dedent(extra_dns).strip(), "  ")
-    text = (f"dns:\n  listen: [\"127.0.0.1:0\"]\n  upstreams: [{upstream_list}]\n  upstream_timeout: 0.5\n"
+    text = (f"dns:\n  listen: [\"127.0.0.1:0\"]\n  upstreams: [{upstream_list}]\n"
+            + f"  upstream_timeout: {upstream_timeout}\n"
             + (dns_extra + "\n" if dns_extra else "")
             + f"metrics:\n  listen: \"127.0.0.1:0\"\nblocklists: \"{blocklists}\"\n"
             + textwrap.dedent(policy))

@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import tomllib
 import zipfile
 from importlib import metadata
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import standard_config
-from helpers import ROOT, Blocker, Knot, metric_value, rcode_text, require_tool
+from helpers import ROOT, Blocker, Knot, eventually, metric_value, rcode_text, require_tool
 from packaging.requirements import Requirement
 
 DEPLOY = ROOT / "deploy"
@@ -180,13 +179,8 @@ def lines_of(path: Path) -> list[str]:
 
 
 def wait_for_lines(path: Path, count: int, deadline: float = 10.0) -> list[str]:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        found = lines_of(path)
-        if len(found) >= count:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"{path}: {len(lines_of(path))} lines, expected {count}")
+    return eventually(lambda: len(lines_of(path)) >= count and lines_of(path), deadline, 0.05,
+                      f"{path}: {count} lines")
 
 
 def test_logrotate_snippet_rotates_the_query_log_and_loses_nothing(knot: Knot, tmp_path: Path) -> None:

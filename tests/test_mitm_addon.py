@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 import sys
 from pathlib import Path
@@ -161,3 +162,32 @@ def test_decisions_never_read_a_list_file_even_with_a_bulk_include(tmp_path: Pat
         watching = False
     assert not opened, opened[:3]
     assert addon.stats.requests[("blocked", "bulk")] == 1000
+
+
+def test_a_new_config_is_followed_by_the_upstreams_and_every_series_starts_at_zero(config: Path,
+                                                                                     tmp_path: Path) -> None:
+    addon = BlockerAddon()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, blocker_config=str(config))
+        first = addon.upstreams
+        assert first is not None and first.timeout == 2.0
+        assert addon.stats.requests[("blocked", "tiktok")] == 0
+        assert addon.stats.requests[("allowed", "ip_literal")] == 0
+        slower = tmp_path / "slower.yaml"
+        slower.write_text(CONFIG.replace('upstreams: ["127.0.0.1:9"]', 'upstreams: ["127.0.0.1:9"]\n'
+                                         "  upstream_timeout: 4.5"))
+        tctx.configure(addon, blocker_config=str(slower))
+        assert addon.upstreams is not first and addon.upstreams.timeout == 4.5  # type: ignore[union-attr]
+
+
+def test_blocker_log_requests_logs_one_line_per_decision(config: Path,
+                                                        blocker_log: pytest.LogCaptureFixture) -> None:
+    addon = BlockerAddon()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, blocker_config=str(config))
+        with blocker_log.at_level(logging.INFO, logger="blocker"):
+            addon.tls_clienthello(hello_data("www.tiktok.com", "192.0.2.9"))
+            assert "proxy tls blocked" not in blocker_log.text  # off by default
+            tctx.configure(addon, blocker_log_requests=True)
+            addon.tls_clienthello(hello_data("www.tiktok.com", "192.0.2.9"))
+    assert "proxy tls blocked category=tiktok device=- client=192.0.2.9 host=www.tiktok.com" in blocker_log.text

@@ -67,8 +67,10 @@ def run(policy: Policy, scenario: Callable[[Harness], Awaitable[None]], cache: A
     asyncio.run(main())
 
 
-def policy_for(tmp_path: Path, upstreams: list[str], extra_dns: str = "", policy: str = "") -> Policy:
-    return compile_policy(load_config(standard_config(tmp_path, upstreams, extra_dns, policy)))
+def policy_for(tmp_path: Path, upstreams: list[str], extra_dns: str = "", policy: str = "",
+               upstream_timeout: float = 0.5) -> Policy:
+    return compile_policy(load_config(standard_config(tmp_path, upstreams, extra_dns, policy,
+                                                      upstream_timeout=upstream_timeout)))
 
 
 COMMS = """\
@@ -248,13 +250,13 @@ def test_over_the_forwarding_cap_answers_servfail_at_once(tmp_path: Path) -> Non
         waiting = [asyncio.ensure_future(harness.ask(f"n{i}.example.test")) for i in range(3)]
         await asyncio.sleep(0.05)
         assert harness.upstreams.busy
-        response = await asyncio.wait_for(harness.ask("late.example.test"), 0.2)  # no upstream wait
+        response = await asyncio.wait_for(harness.ask("late.example.test"), 2.0)  # not the 5 s upstream wait
         assert response.rcode() == dns.rcode.SERVFAIL and edes(response)[0][0] == 22
         for future in waiting:
             future.cancel()
 
     try:
-        run(policy_for(tmp_path, [hole.endpoint]), scenario)
+        run(policy_for(tmp_path, [hole.endpoint], upstream_timeout=5.0), scenario)
     finally:
         hole.close()
 
@@ -300,3 +302,16 @@ def test_ecs_from_a_trusted_forwarder_names_the_device(knot: Knot, tmp_path: Pat
         assert (await ask_with_ecs(harness, "127.0.0.8")).rcode() == dns.rcode.NXDOMAIN  # ECS ignored
 
     run(policy, scenario)
+
+
+def test_a_client_that_goes_away_does_not_cancel_the_shared_upstream_query(knot: Knot, tmp_path: Path) -> None:
+    async def scenario(harness: Harness) -> None:
+        first = asyncio.ensure_future(harness.ask("www.example.test", source="127.0.0.10"))
+        second = asyncio.ensure_future(harness.ask("www.example.test", source="127.0.0.11"))
+        await asyncio.sleep(0)  # both wait on the one upstream query now
+        first.cancel()  # e.g. its TCP connection closed
+        answer = await second
+        assert answer.rcode() == dns.rcode.NOERROR and [str(r) for r in answer.answer[0]] == ["192.0.2.1"]
+        assert harness.stats.upstream_results[(f"127.0.0.1:{knot.port}", "ok")] == 1
+
+    run(policy_for(tmp_path, [knot.endpoint]), scenario)
