@@ -7,7 +7,7 @@ COPY blocker ./blocker
 COPY blocklists ./blocklists
 # DL3013: this installs the project itself from the build context; its own version is what is pinned.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[fast]" \
+RUN pip install --no-cache-dir ".[fast,console]" \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin blocker \
     && rm -rf /src
 

@@ -7,20 +7,18 @@ and the command keeps its exit code.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import re
 import sys
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 from blocker import __version__
-from blocker.clients import Client, identify
 from blocker.errors import BlockerError, ConfigError
-from blocker.policy import Action, Decision, Policy, check_name, explain, load_policy
+from blocker.explain import build_report, find_client
+from blocker.policy import Action, Policy, check_name, explain, load_policy
 
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -42,6 +40,8 @@ _EXAMPLES = {
     "diff": "examples:\n  blocker diff --config blocker.yaml --git HEAD~1 --names names.txt\n"
             "  blocker diff --config new/blocker.yaml --against old/blocker.yaml --json\n\n"
             "exit 0 when nothing changes for any device, 1 when something does, 2 on error",
+    "console add-user": "example:\n  blocker console add-user --config blocker.yaml --role admin --role approver "
+                        "--display 'Insp. J. Doe' jdoe",
     "audit verify": "examples:\n  blocker audit verify --config blocker.yaml\n"
                     "  blocker audit verify --path /var/lib/blocker/audit.jsonl\n\n"
                     "exit 0 when the chain is intact, 1 at the first broken line, 2 on error",
@@ -129,6 +129,23 @@ def _parser() -> argparse.ArgumentParser:
                       help="names to test, one a line: each whose decision flips for a group is listed")
     diff.add_argument("--json", action="store_true", help="machine-readable output")
 
+    console = command(commands, "console", "the admin console's users (the console itself runs in `serve`)",
+                      "console add-user")
+    console_actions = console.add_subparsers(dest="action", required=True)
+    add_user = command(console_actions, "add-user", "add or replace a console user (the password is read "
+                       "from stdin, or asked for on a terminal)", "console add-user")
+    add_user.add_argument("name", help="the login name, e.g. jdoe")
+    add_user.add_argument("--role", action="append", required=True, choices=("viewer", "admin", "approver"),
+                          help="viewer reads every page; admin requests changes; approver approves other "
+                               "users' requests (repeat the option for several roles)")
+    add_user.add_argument("--display", metavar="NAME",
+                          help="the name written as approved_by, e.g. 'Insp. J. Doe' (default: the login name)")
+    users_file = add_user.add_mutually_exclusive_group(required=True)
+    users_file.add_argument("--config", type=Path, metavar="FILE", help="the config whose console.users to write")
+    users_file.add_argument("--users", type=Path, metavar="FILE", help="the users file itself")
+    add_user.add_argument("--sso-only", action="store_true",
+                          help="no password: this user logs in only through console.proxy_auth")
+
     audit = command(commands, "audit", "check the audit trail", "audit verify")
     audit_actions = audit.add_subparsers(dest="action", required=True)
     verify = command(audit_actions, "verify", "check the hash chain of the audit trail, report the first broken line",
@@ -178,6 +195,10 @@ def _run(args: argparse.Namespace) -> int:
         return run_diff(args)
     if args.command == "audit":
         return run_audit_verify(args)
+    if args.command == "console":
+        from blocker.console.cli import run_add_user
+
+        return run_add_user(args)
     return run_validate(args.config, getattr(args, "json", False))
 
 
@@ -233,30 +254,21 @@ def run_check(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"blocker check: '{args.domain}' is not a domain name: {err}", file=sys.stderr)
         return 2
-    if args.device:
-        device = policy.devices.get(args.device)
-        if device is None:
-            print(f"blocker check: unknown device '{args.device}'", file=sys.stderr)
-            return 2
-        addresses = policy.inventory.addresses_of(device)
-        client = Client(addresses[0] if addresses else "-", device.id, device.group, True, "inventory", device)
-    elif args.client:
+    bindings, where = None, ""
+    if args.client:
         from blocker.identity import bindings_for_check
 
         bindings, where = bindings_for_check(policy.config.identity)
-        client = identify(policy, args.client, bindings=bindings)
-        if client.origin == "binding":
-            known = "" if client.device in policy.devices else "; device not in the inventory"
-            client = replace(client, note=f"{where}{known}")
-        if client.address == args.client and not _is_ip(args.client):
-            print(f"blocker check: '{args.client}' is not an IP address", file=sys.stderr)
-            return 2
-    else:
-        client = Client("-", None, policy.config.policy.default_group, True)
+    try:
+        client, identity = find_client(policy, device=args.device, address=args.client, bindings=bindings,
+                                       bindings_from=where)
+    except ValueError as err:
+        print(f"blocker check: {err}", file=sys.stderr)
+        return 2
     decision = explain(policy, client, qname, datetime.now(UTC))
     code = 0 if decision.action in (Action.ALLOWED, Action.EXEMPTED) else 1
     args._code = code  # kept if the reader of stdout goes away mid-report
-    report = _report(policy, client, qname, decision)
+    report = build_report(policy, client, qname, decision, identity)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -264,63 +276,11 @@ def run_check(args: argparse.Namespace) -> int:
     return code
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _report(policy: Policy, client: Client, qname: str, decision: Decision) -> dict[str, object]:
-    match = decision.rule or policy.explain(qname)
-    report: dict[str, object] = {
-        "domain": qname,
-        "action": decision.action.value,
-        "client": client.address,
-        "device": client.device,
-        "identity": {"origin": client.origin, "detail": client.detail},
-        "group": decision.group,
-        "category": decision.category,
-        "categories": sorted(decision.categories),
-        "rule": None,
-        "policy": policy.version,
-        "exemption": None,
-    }
-    if match.sources:
-        report["rule"] = {
-            "rule": match.rule,
-            "allow": match.allow,
-            "sources": [{"category": s.category, "file": s.file, "line": s.line, "except": s.allow}
-                        for s in match.sources],
-        }
-    if decision.canary:
-        report["note"] = "bypass canary: answered NXDOMAIN so the client turns its own DNS bypass off"
-    if decision.action is Action.REFUSED:
-        report["note"] = "the client address is outside dns.allow_networks"
-    if decision.exemption is not None:
-        exemption = decision.exemption
-        report["exemption"] = {
-            "device": exemption.device,
-            "allow": list(exemption.allow),
-            "approved_by": exemption.approved_by,
-            "reference": exemption.reference,
-            "reason": exemption.reason,
-            "expires": exemption.expires.isoformat(),
-            "starts": exemption.starts.isoformat() if exemption.starts else None,
-            "file": exemption.file,
-            "line": exemption.line,
-        }
-    return report
-
-
 def _print_report(report: dict[str, object]) -> None:
     print(f"{report['domain']}: {str(report['action']).upper()}")
     print(f"  client:   {report['client']}  device: {report['device'] or '-'}  group: {report['group']}")
-    identity = report["identity"]
-    assert isinstance(identity, dict)
-    origin = {"binding": "binding from", "inventory": "inventory", "default": "default group (no binding, no device)"}
-    print(f"  identity: {origin[identity['origin']]} {identity['detail']}".rstrip())
+    if report.get("identity"):
+        print(f"  identity: {report['identity']}")
     if report["categories"]:
         print(f"  category: {report['category'] or '-'}  (name is in: {', '.join(report['categories'])})")  # type: ignore[arg-type]
     rule = report["rule"]

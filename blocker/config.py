@@ -75,6 +75,32 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyAuthConfig:
+    """SSO in front of the console: the user name in `header`, believed only from `trusted_proxies`."""
+
+    header: str = "X-Forwarded-User"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """The admin console in the browser (off unless `enabled: true`)."""
+
+    enabled: bool = False
+    listen: Endpoint = ("127.0.0.1", 9155)
+    users: Path | None = None  # the users file `blocker console add-user` writes
+    requests: Path | None = None  # pending four-eyes requests (JSON); default beside the users file
+    secure_cookies: bool = False  # set when the console is reached over HTTPS (TLS here or at a proxy)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # require client certificates from this CA; the user is their commonName
+    session_minutes: int = 480
+    login_attempts: int = 5  # failed logins per user name or per address before a lockout
+    lockout_seconds: int = 300
+    proxy_auth: ProxyAuthConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Group:
     name: str
     block: tuple[str, ...]
@@ -165,6 +191,7 @@ class Config:
     source: Path | None = None
     # Lines of the config file for the sections that later checks refer to.
     lines: dict[str, int] = field(default_factory=dict)
+    console: ConsoleConfig = ConsoleConfig()
     audit: AuditConfig = AuditConfig()
     warnings: tuple[Problem, ...] = ()
 
@@ -220,7 +247,8 @@ def embedded_defaults() -> Config:
     )
 
 
-_TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "audit", "identity"}
+_TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "audit", "console",
+             "identity"}
 _DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_ttl", "cache_size",
              "trusted_forwarders", "upstream_timeout"}
 _POLICY_KEYS = {"default_group", "groups", "devices", "exemptions", "exemptions_file", "expiry_warning_days",
@@ -260,9 +288,13 @@ def load_config(path: Path | None, texts: dict[Path, str] | None = None) -> Conf
         identity=_identity(read, top.get("identity"), base),
         source=path,
         lines=lines,
+        console=_console(read, top.get("console"), base),
         audit=_audit(read, top.get("audit"), base),
         warnings=tuple(warnings.problems),
     )
+    if config.console.enabled and config.audit.path is None:
+        read.error(top.get("console"), "console.enabled needs audit.path: every console view, request and "
+                                       "approval is written to the audit trail")
     if problems.problems:
         raise ConfigError(problems.problems)
     return config
@@ -407,6 +439,53 @@ def _proxy(read: Reader, node: yaml.Node | None) -> ProxyConfig:
         elif text is not None:
             mode = text
     return ProxyConfig(listen, mode)
+
+
+_CONSOLE_KEYS = {"enabled", "listen", "users", "requests", "secure_cookies", "tls_cert", "tls_key", "tls_client_ca",
+                 "session_minutes", "login_attempts", "lockout_seconds", "proxy_auth"}
+
+
+def _console(read: Reader, node: yaml.Node | None, base: Path) -> ConsoleConfig:
+    fields = read.mapping(node, "console", _CONSOLE_KEYS)
+    if not fields:
+        return ConsoleConfig()
+    defaults = ConsoleConfig()
+    values: dict[str, object] = {}
+    for key in ("enabled", "secure_cookies"):
+        if key in fields:
+            flag = read.boolean(fields[key], f"console.{key}")
+            values[key] = bool(flag)
+    if "listen" in fields:
+        values["listen"] = read.endpoint(fields["listen"], "console.listen") or defaults.listen
+    for key in ("users", "requests", "tls_cert", "tls_key", "tls_client_ca"):
+        if key in fields:
+            text = read.string(fields[key], f"console.{key}")
+            values[key] = base / text if text else None
+    for key, low, high in (("session_minutes", 1, 10080), ("login_attempts", 1, 1000),
+                           ("lockout_seconds", 1, 86400)):
+        if key in fields:
+            number = read.integer(fields[key], f"console.{key}", low, high)
+            values[key] = getattr(defaults, key) if number is None else number
+    if "proxy_auth" in fields:
+        auth = read.mapping(fields["proxy_auth"], "console.proxy_auth", {"header", "trusted_proxies"})
+        header = read.string(auth["header"], "console.proxy_auth.header") if "header" in auth else None
+        proxies = _networks(read, auth.get("trusted_proxies"), "console.proxy_auth.trusted_proxies")
+        if not proxies:
+            read.error(fields["proxy_auth"], "console.proxy_auth needs trusted_proxies: the addresses of the "
+                                             "proxy that sets the header (anyone else could send it)")
+        values["proxy_auth"] = ProxyAuthConfig(header or ProxyAuthConfig.header, proxies)
+    if values.get("enabled") and values.get("users") is None:
+        read.error(node, "console.enabled needs console.users (the file `blocker console add-user` writes)")
+    if (values.get("tls_cert") is None) != (values.get("tls_key") is None):
+        read.error(node, "console: tls_cert and tls_key go together")
+    if values.get("tls_client_ca") is not None and values.get("tls_cert") is None:
+        read.error(fields["tls_client_ca"], "console.tls_client_ca needs tls_cert and tls_key (client "
+                                            "certificates are checked in the console's own TLS)")
+    if values.get("tls_cert") is not None and "secure_cookies" not in fields:
+        values["secure_cookies"] = True
+    if values.get("users") is not None and values.get("requests") is None:
+        values["requests"] = values["users"].parent / "console-requests.json"  # type: ignore[attr-defined]
+    return ConsoleConfig(**values)  # type: ignore[arg-type]
 
 
 def _policy(read: Reader, node: yaml.Node | None, lines: dict[str, int], base: Path,

@@ -83,6 +83,7 @@ class Daemon:
         self.querylog: QueryLog | None = None
         self._configure_querylog(policy)
         self.ops: OpsServer | None = None
+        self.console: Any = None  # the admin console (blocker.console.app.ConsoleServer) when enabled
         self.ready = False
         self.stopping = asyncio.Event()
 
@@ -122,6 +123,8 @@ class Daemon:
             await self.identity.stop()
         if self.ops is not None:
             self.ops.stop()
+        if self.console is not None:
+            self.console.stop()
         self.upstreams.close()
         if self.querylog is not None:
             self.querylog.close()
@@ -148,6 +151,11 @@ class Daemon:
                 return False
             self.ops.start()
             log.info("listening metrics=http://%s/metrics", format_endpoint(*self.ops.address))
+        if config.console.enabled:
+            from blocker.console import start_console
+
+            self.console = start_console(self, config.console)
+            return self.console is not None
         return True
 
     async def _start_identity(self) -> bool:

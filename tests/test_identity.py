@@ -126,12 +126,17 @@ def test_accounting_binds_an_address_to_its_device(served: Blocker, tmp_path: Pa
 
     held = check("127.0.0.4")
     assert (held["device"], held["group"], held["action"]) == ("MPS-PLAIN", "standard", "blocked")
-    assert held["identity"]["origin"] == "binding"  # type: ignore[index]
-    assert re.match(r"gateway gw-a since \S+Z \(snapshot .*bindings.json\)$", held["identity"]["detail"])  # type: ignore[index]
+    assert held["identity_origin"] == "binding"
+    assert re.match(r"gateway gw-a since \S+Z \(snapshot .*bindings.json\)$", str(held["identity_source"]))
+    assert str(held["identity"]).startswith("source address 127.0.0.4 is bound to device MPS-PLAIN by RADIUS "
+                                            "accounting: gateway gw-a since ")
     (tmp_path / "bindings.json").unlink()
     static = check("127.0.0.4")
-    assert static["identity"] == {"origin": "inventory", "detail": f"{tmp_path / 'devices.csv'}:2"}
-    assert check("127.0.0.9")["identity"] == {"origin": "default", "detail": ""}
+    assert (static["identity_origin"], static["identity_source"]) == ("inventory", f"{tmp_path / 'devices.csv'}:2")
+    assert static["identity"] == (f"source address 127.0.0.4 matches device MPS-STATIC "
+                                  f"(policy.inventory, {tmp_path / 'devices.csv'}:2)")
+    nobody = check("127.0.0.9")
+    assert (nobody["identity_origin"], nobody["identity_source"]) == ("default", None)
 
 
 def test_bindings_survive_a_restart(knot: Knot, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from helpers import ROOT
@@ -15,6 +16,8 @@ def test_wheel_install_finds_shipped_blocklists(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
                     str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
     [wheel] = wheels.glob("blocker-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "blocker/console/templates/overview.html" in names and "blocker/console/static/console.css" in names
     venv = tmp_path / "venv"
     # System site-packages give the venv its dependencies; the project itself comes only from the wheel.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
