@@ -9,6 +9,7 @@ from __future__ import annotations
 from blocker.message import (
     EDE_BLOCKED,
     EDE_NO_REACHABLE_AUTHORITY,
+    EDE_NOT_SUPPORTED,
     EDE_OTHER,
     EDE_PROHIBITED,
     QTYPE_A,
@@ -50,6 +51,7 @@ class BlockAnswers:
         self._servfail_opt = opt_pair(ede_option(EDE_NO_REACHABLE_AUTHORITY, "no upstream answered"))
         self._unreadable_opt = opt_pair(ede_option(EDE_OTHER, "upstream answer unreadable"))
         self._internal_opt = opt_pair(ede_option(EDE_OTHER, "internal error"))
+        self._class_opt = opt_pair(ede_option(EDE_NOT_SUPPORTED, "only class IN is served"))
         for category in policy.lists.categories:
             self._opt_for(category)
 
@@ -76,6 +78,11 @@ class BlockAnswers:
     def refused(self, query: Query) -> bytes:
         """REFUSED with EDE 18 (Prohibited): the source is outside `allow_networks`."""
         return answer(query, RCODE_REFUSED, opt=self._refused_opt)
+
+    def other_class(self, query: Query) -> bytes:
+        """REFUSED with EDE 21 (Not Supported) for CHAOS and other non-IN classes, answered here:
+        forwarded, `version.bind` and `hostname.bind` would reveal the upstream's software and host."""
+        return answer(query, RCODE_REFUSED, opt=self._class_opt)
 
     def no_upstream(self, query: Query) -> bytes:
         """SERVFAIL with EDE 22 (No Reachable Authority): no upstream answered, or too many wait."""

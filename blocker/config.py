@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from blocker.cache import DEFAULT_BYTES as DEFAULT_CACHE_BYTES
 from blocker.errors import ConfigError, Problem
 from blocker.yamlfile import Collector, Reader, compose
 
@@ -48,6 +49,11 @@ class DnsConfig:
     cache_size: int = 100_000
     trusted_forwarders: tuple[IPNetwork, ...] = ()
     upstream_timeout: float = 2.0
+    # Memory and connection bounds (see README: why these defaults).
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    tcp_max_connections: int = 1000
+    tcp_max_per_client: int = 20
+    tcp_write_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,7 @@ class MetricsConfig:
 class QueryLogConfig:
     path: Path | None = None
     only_blocked: bool = False
+    mode: str = "0600"  # octal, of a newly created log file: it names every handset's lookups
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +257,8 @@ def embedded_defaults() -> Config:
 _TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "audit", "console",
              "identity"}
 _DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_ttl", "cache_size",
-             "trusted_forwarders", "upstream_timeout"}
+             "trusted_forwarders", "upstream_timeout",
+             "cache_bytes", "tcp_max_connections", "tcp_max_per_client", "tcp_write_timeout"}
 _POLICY_KEYS = {"default_group", "groups", "devices", "exemptions", "exemptions_file", "expiry_warning_days",
                 "inventory"}
 _IDENTITY_KEYS = {"radius_accounting", "snapshot", "store", "vpn_networks"}
@@ -366,7 +374,42 @@ def _dns(read: Reader, node: yaml.Node | None, warnings: Collector) -> DnsConfig
     if "upstream_timeout" in fields:
         timeout = read.number(fields["upstream_timeout"], "dns.upstream_timeout", 0.05)
         values["upstream_timeout"] = defaults.upstream_timeout if timeout is None else timeout
+    _dns_bounds(read, fields, values)
     return DnsConfig(**values)  # type: ignore[arg-type]
+
+
+def _dns_bounds(read: Reader, fields: dict[str, yaml.Node], values: dict[str, object]) -> None:
+    """The memory and connection bounds of the dns section."""
+    defaults = DnsConfig()
+    if "cache_bytes" in fields:
+        size = _byte_size(read, fields["cache_bytes"], "dns.cache_bytes")
+        values["cache_bytes"] = defaults.cache_bytes if size is None else size
+    for key, low, high in (("tcp_max_connections", 1, 1_000_000), ("tcp_max_per_client", 1, 1_000_000)):
+        if key in fields:
+            number = read.integer(fields[key], f"dns.{key}", low, high)
+            values[key] = getattr(defaults, key) if number is None else number
+    if "tcp_write_timeout" in fields:
+        timeout = read.number(fields["tcp_write_timeout"], "dns.tcp_write_timeout", 0.05)
+        values["tcp_write_timeout"] = defaults.tcp_write_timeout if timeout is None else timeout
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
+
+
+def _byte_size(read: Reader, node: yaml.Node, where: str) -> int | None:
+    """A size in bytes: a number, or a number with a unit (`64MiB`, `512k`, `1 GiB`; powers of 1024)."""
+    written = node.value.strip() if isinstance(node, yaml.ScalarNode) else ""
+    text = written.lower()
+    number = text.rstrip("bgikm ")
+    unit = text[len(number):].strip()
+    if not number.isdigit() or unit not in _BYTE_UNITS:
+        read.error(node, f"{where} must be a size in bytes such as 134217728 or 128MiB, got '{written}'")
+        return None
+    size = int(number) * _BYTE_UNITS[unit]
+    if size > 64 * 1024**3:
+        read.error(node, f"{where} must be at most 64GiB")
+        return None
+    return size
 
 
 def _block_response(read: Reader, node: yaml.Node) -> BlockResponse:
@@ -413,7 +456,7 @@ def _blocklists_path(read: Reader, node: yaml.Node | None, base: Path) -> Path:
 
 
 def _query_log(read: Reader, node: yaml.Node | None, base: Path) -> QueryLogConfig:
-    fields = read.mapping(node, "query_log", {"path", "only_blocked"})
+    fields = read.mapping(node, "query_log", {"path", "only_blocked", "mode"})
     path = None
     if "path" in fields and not (isinstance(fields["path"], yaml.ScalarNode)
                                  and fields["path"].tag.endswith(":null")):
@@ -422,7 +465,15 @@ def _query_log(read: Reader, node: yaml.Node | None, base: Path) -> QueryLogConf
     only_blocked = False
     if "only_blocked" in fields:
         only_blocked = bool(read.boolean(fields["only_blocked"], "query_log.only_blocked"))
-    return QueryLogConfig(path, only_blocked)
+    mode = QueryLogConfig().mode
+    if "mode" in fields:
+        node = fields["mode"]
+        text = node.value if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"') else None
+        if text is None or not re.fullmatch(r"0?[0-7]{3}", text):
+            read.error(node, "query_log.mode must be a quoted octal file mode such as \"0600\" or \"0640\"")
+        else:
+            mode = text
+    return QueryLogConfig(path, only_blocked, mode)
 
 
 def _proxy(read: Reader, node: yaml.Node | None) -> ProxyConfig:

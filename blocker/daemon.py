@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from blocker.audit import ExemptionAudit
-from blocker.cache import AnswerCache
+from blocker.cache import AnswerCache, cache_share
 from blocker.clock import Clock
 from blocker.errors import ConfigError
+from blocker.gcstats import GcPauses
 from blocker.httpd import OpsServer
 from blocker.identity import IdentityCollector, IdentityService
 from blocker.logs import setup_logging
-from blocker.metrics import Gauges, Stats, make_registry
+from blocker.metrics import Gauges, MemoryCounts, Stats, make_registry
 from blocker.policy import Policy
 from blocker.querylog import QueryLog
 from blocker.recorder import Recorder
@@ -65,10 +66,11 @@ class Daemon:
 
     def __init__(self, config_path: Path | None, policy: Policy, clock: Clock | None = None) -> None:
         self.clock = clock or Clock()
+        self.gc_pauses = GcPauses()  # times collections and freezes their survivors while running
         self.stats = Stats()
         self.stats.prepare(policy.group_order, policy.lists.categories)
         dns = policy.config.dns
-        self.cache = AnswerCache(dns.cache_size)
+        self.cache = AnswerCache(dns.cache_size, cache_share(dns.cache_bytes))
         self.upstreams = follow_config(None, dns, self.stats)
         self.recorder = Recorder(self.stats, self.clock)
         identity = policy.config.identity
@@ -93,6 +95,7 @@ class Daemon:
 
     async def run(self) -> int:
         config = self.policy.config
+        self.gc_pauses.install()
         if not config.dns.upstreams:
             log.warning("no upstream servers configured or found in /etc/resolv.conf: "
                         "allowed names will get SERVFAIL")
@@ -102,7 +105,7 @@ class Daemon:
                 self.ops.stop()
             return 2
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         self.stats.reloaded(True)
@@ -142,10 +145,12 @@ class Daemon:
                 return False
             log.info("listening dns=%s (udp+tcp)", format_endpoint(*bound))
         if config.metrics.listen is not None:
-            gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog)
+            gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog,
+                            self._memory_numbers)
             try:
-                self.ops = OpsServer(*config.metrics.listen, make_registry(self.stats, gauges, self._identity_metrics),
-                                     lambda: self.ready)
+                registry = make_registry(self.stats, gauges, self._identity_metrics)
+                registry.register(self.gc_pauses)
+                self.ops = OpsServer(*config.metrics.listen, registry, lambda: self.ready)
             except OSError as err:
                 log.error("%s", bind_error("for metrics (http)", format_endpoint(*config.metrics.listen), err))
                 return False
@@ -185,10 +190,11 @@ class Daemon:
         if settings.path is None:
             self.querylog = None
         elif current is None:
-            self.querylog = QueryLog(settings.path, settings.only_blocked)
+            self.querylog = QueryLog(settings.path, settings.only_blocked, mode=int(settings.mode, 8))
             self.querylog.start()
         else:
             current.only_blocked = settings.only_blocked
+            current.mode = int(settings.mode, 8)
             current.reopen()  # after a SIGHUP from logrotate, write to the new file
         self.recorder.querylog = self.querylog
 
@@ -204,6 +210,16 @@ class Daemon:
     def _cache_numbers(self) -> tuple[int, int, int, int]:
         cache = self.cache
         return len(cache), cache.hits, cache.misses, cache.evictions
+
+    def _memory_numbers(self) -> MemoryCounts:
+        cache, memo = self.cache, self.resolver.memo
+        return MemoryCounts(cache.bytes, cache.max_bytes, cache.too_large, memo.bytes, memo.max_bytes)
+
+    def _sighup(self) -> None:
+        # The query log follows logrotate whatever becomes of the reload (a broken config included).
+        if self.querylog is not None:
+            self.querylog.reopen()
+        _spawn(self.reload("SIGHUP"))
 
     async def reload(self, why: str) -> bool:
         """Load and compile the policy again; swap it in only if it is whole."""
@@ -231,7 +247,7 @@ class Daemon:
             self.upstreams = self.resolver.upstreams = upstreams
             # Answers from the old upstreams may differ: start the cache afresh.
             self.cache.clear()
-        self.cache.size = new.dns.cache_size
+        self.cache.resize(new.dns.cache_size, cache_share(new.dns.cache_bytes))
         if new.dns.listen != old.dns.listen or new.metrics.listen != old.metrics.listen:
             log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
         if new.identity != old.identity:

@@ -1,4 +1,8 @@
-"""The HTTP endpoint for operations: /metrics (Prometheus), /healthz (alive), /readyz (serving)."""
+"""The HTTP endpoint for operations: /metrics (Prometheus), /healthz (alive), /readyz (serving).
+
+Each connection gets a thread and REQUEST_TIMEOUT seconds per read or write: a client that opens
+a connection and sends nothing (or reads nothing) is dropped, and a scrape behind it still gets in.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+REQUEST_TIMEOUT = 5.0
+ACCEPT_QUEUE = 128  # the listen backlog (socketserver's default is 5)
+
 
 class OpsServer:
     """A small threaded HTTP server beside the event loop: a slow scrape never delays DNS."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
-        handler = _handler(registry, ready)
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool],
+                 timeout: float = REQUEST_TIMEOUT) -> None:
+        handler = _handler(registry, ready, timeout)
         server_class = type("Server", (ThreadingHTTPServer,), {
             "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
             "daemon_threads": True,
+            "request_queue_size": ACCEPT_QUEUE,
         })
         self.server = server_class((host, port), handler)
         self.address = self.server.server_address[:2]
@@ -32,8 +41,11 @@ class OpsServer:
         self.server.server_close()
 
 
-def _handler(registry: CollectorRegistry, ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
+def _handler(registry: CollectorRegistry, ready: Callable[[], bool],
+             request_timeout: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = request_timeout  # socketserver sets it on the connection's socket
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

@@ -13,15 +13,20 @@ reload, so nothing in it can outlive the policy it was derived from. It holds:
   answer depends on their group alone (allowed, not a trusted forwarder, no exemption). A hit
   answers without parsing or deciding again.
 
-Each table is bounded; a full table is cleared and refills with what is asked now.
+Each table is bounded, and the two that grow with the names asked (categories, answers) in bytes
+too: together at most `dns.cache_bytes / MEMO_SHARE`. A full table drops its oldest entries one
+by one as new ones come (never a wholesale clear, which stalled the loop for tens of ms).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from blocker.answers import BlockAnswers
+from blocker.cache import MAX_ENTRY_BYTES, MEMO_SHARE
 from blocker.clients import Client, identify
 from blocker.inventory import Network, format_network
 from blocker.policy import CANARY_NAMES, Action, Decision, Policy, decide_categories
@@ -31,6 +36,43 @@ if TYPE_CHECKING:
 
 MEMO_LIMIT = 200_000
 FOREVER = float("inf")
+# What a table entry costs beside its own bytes, measured with tracemalloc (tests/test_memo_bytes.py
+# keeps the estimates honest): the OrderedDict slot and link, the name string's header; for an
+# answer, also the key tuple, the MemoHit and its float (its name is the categories key's string).
+CATEGORY_OVERHEAD = 150
+REPLY_OVERHEAD = 340
+CATEGORIES_SHARE = 4  # of the memo's bytes, at most a quarter for name -> categories
+
+
+class BoundedTable(OrderedDict):  # type: ignore[type-arg]
+    """A dict bounded by entries and by bytes (as `size_of` counts them), dropping the oldest
+    insertions first. Lookups are plain dict lookups: nothing moves on a hit."""
+
+    def __init__(self, max_entries: int, max_bytes: int, size_of: Callable[[object, object], int]) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.size_of = size_of
+        self.bytes = 0
+
+    def add(self, key: object, value: object) -> None:
+        size_of = self.size_of
+        old = self.pop(key, None)
+        if old is not None:
+            self.bytes -= size_of(key, old)
+        self[key] = value
+        self.bytes += size_of(key, value)
+        while self and (len(self) > self.max_entries or self.bytes > self.max_bytes):
+            oldest, dropped = self.popitem(last=False)
+            self.bytes -= size_of(oldest, dropped)
+
+
+def _category_size(qname: object, categories: object) -> int:
+    return len(qname) + CATEGORY_OVERHEAD  # type: ignore[arg-type]
+
+
+def _reply_size(key: object, hit: object) -> int:
+    return len(key[2]) + len(hit.reply) + REPLY_OVERHEAD  # type: ignore[index, attr-defined]
 
 
 class MemoHit:
@@ -64,18 +106,28 @@ class PolicyMemo:
         self.bindings = bindings
         self.answers = BlockAnswers(policy)
         self.clients: dict[tuple[str, bytes | None], Client] = {}
-        self.categories: dict[str, frozenset[str]] = {}
+        budget = policy.config.dns.cache_bytes // MEMO_SHARE
+        self.categories = BoundedTable(MEMO_LIMIT, budget // CATEGORIES_SHARE, _category_size)
         self.decisions: dict[tuple[str, frozenset[str], bool], Decision] = {}
         # Source address -> client, only for clients whose answers `replies` may hold.
         self.memo_clients: dict[str, Client] = {}
-        self.replies: dict[tuple[str, str, bytes], MemoHit] = {}
+        self.replies = BoundedTable(MEMO_LIMIT, budget - budget // CATEGORIES_SHARE, _reply_size)
+
+    @property
+    def bytes(self) -> int:
+        """What the name-dependent tables hold (the others are bounded by devices and groups)."""
+        return self.categories.bytes + self.replies.bytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self.categories.max_bytes + self.replies.max_bytes
 
     def lookup(self, data: bytes, address: str, transport: str, now: float) -> tuple[Client, MemoHit] | None:
         """A remembered answer to these exact query bytes from this source, if one is still valid."""
         client = self.memo_clients.get(address)
         if client is None:
             return None
-        hit = self.replies.get((transport, client.group, data[2:]))
+        hit: MemoHit | None = self.replies.get((transport, client.group, data[2:]))
         if hit is None or (hit.valid_until != FOREVER and hit.valid_until <= now):
             return None
         return client, hit
@@ -97,10 +149,9 @@ class PolicyMemo:
     def categories_of(self, qname: str) -> frozenset[str]:
         categories = self.categories.get(qname)
         if categories is None:
-            if len(self.categories) >= MEMO_LIMIT:
-                self.categories.clear()
-            categories = self.categories[qname] = self.policy.categorize(qname)
-        return categories
+            categories = self.policy.categorize(qname)
+            self.categories.add(qname, categories)
+        return categories  # type: ignore[no-any-return]
 
     def decision(self, client: Client, qname: str, categories: frozenset[str], now: datetime) -> Decision:
         """`decide_categories`, remembered for clients without exemptions (time cannot change it)."""
@@ -130,6 +181,5 @@ class PolicyMemo:
         return address in self.memo_clients
 
     def remember(self, key: tuple[str, str, bytes], hit: MemoHit) -> None:
-        if len(self.replies) >= MEMO_LIMIT:
-            self.replies.clear()
-        self.replies[key] = hit
+        if len(hit.reply) <= MAX_ENTRY_BYTES:  # what is too large for the cache is too large here
+            self.replies.add(key, hit)

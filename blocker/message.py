@@ -21,6 +21,9 @@ QTYPE_AAAA = 28
 QTYPE_OPT = 41
 QTYPE_DNAME = 39
 
+CLASS_IN = 1
+CLASS_ANY = 255
+
 RCODE_NOERROR = 0
 RCODE_FORMERR = 1
 RCODE_SERVFAIL = 2
@@ -33,6 +36,7 @@ EDE_OTHER = 0
 EDE_STALE_ANSWER = 3
 EDE_BLOCKED = 15
 EDE_PROHIBITED = 18
+EDE_NOT_SUPPORTED = 21
 EDE_NO_REACHABLE_AUTHORITY = 22
 EDNS_ECS = 8
 
@@ -91,10 +95,12 @@ def read_question(data: bytes) -> Query:
     flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data, 2)
     if flags & _FLAG_QR:
         raise WireError("a response, not a query")
-    if qdcount != 1:
-        raise WireError(f"{qdcount} questions")
+    # The opcode before the question count: a NOTIFY or UPDATE may carry no question (RFC 1996,
+    # RFC 2136), and is an operation we do not implement, not a malformed query.
     if (flags >> 11) & 0xF != 0:
         raise NotImplementedError("opcode")
+    if qdcount != 1:
+        raise WireError(f"{qdcount} questions")
     pos = 12
     labels = []
     while True:
@@ -311,6 +317,7 @@ class Scan:
     cname_targets: tuple[str, ...]
     without_opt: bytes  # the same answer with the OPT record removed (for clients without EDNS)
     truncated: bool
+    opt_span: tuple[int, int] | None = None  # where the OPT record sits: the cache cuts it out itself
 
 
 def scan_response(wire: bytes) -> Scan:
@@ -358,7 +365,7 @@ def scan_response(wire: bytes) -> Scan:
             raise WireError("records after OPT")
         without_opt = wire[:10] + struct.pack("!H", arcount - 1) + wire[12:opt_span[0]] + wire[opt_span[1]:]
     return Scan(flags & 0xF, tuple(offsets), tuple(ttls), ancount, negative_ttl, tuple(targets),
-                without_opt, bool(flags & _FLAG_TC))
+                without_opt, bool(flags & _FLAG_TC), opt_span)
 
 
 def describe(wire: bytes) -> str:

@@ -11,7 +11,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -32,6 +32,10 @@ RELOAD_RESULTS = ("success", "failure")
 TRANSPORTS = ("udp", "tcp")
 ACTIONS = tuple(Action)
 UPSTREAM_RESULTS = ("ok", "servfail", "refused", "timeout", "error", "truncated")
+# Why a TCP connection was refused or dropped early: at the per-client limit, every slot busy, shed
+# because idle when a new one came, a client that did not take its answers in time, or the one
+# holding the most answers when too many wait to be written.
+TCP_CLOSE_REASONS = ("client_limit", "full", "shed_idle", "write_timeout", "wait_limit")
 
 
 class Histogram:
@@ -82,6 +86,7 @@ class Stats:
         self.reloads = {result: 0 for result in RELOAD_RESULTS}
         self.last_reload_success = 0.0
         self.tcp_connections = 0
+        self.tcp_closed = dict.fromkeys(TCP_CLOSE_REASONS, 0)
         self.internal_errors = 0
         self.unidentified_vpn = 0  # queries from inside identity.vpn_networks with no binding and no device
         self.last_reload_error: tuple[str, int, str] | None = None  # (file, line, message) while failing
@@ -146,16 +151,29 @@ class Stats:
 class QueryLogCounts(Protocol):
     written: int
     dropped: int
+    errors: int
+
+
+class MemoryCounts(NamedTuple):
+    """What the answer cache and the memo hold, in bytes, against their bounds."""
+
+    cache_bytes: int
+    cache_max_bytes: int
+    cache_too_large: int
+    memo_bytes: int
+    memo_max_bytes: int
 
 
 class Gauges:
     """Values read at scrape time from the running daemon."""
 
     def __init__(self, cache: Callable[[], tuple[int, int, int, int]], policy: Callable[[], Policy | None],
-                 querylog: Callable[[], QueryLogCounts | None] = lambda: None) -> None:
+                 querylog: Callable[[], QueryLogCounts | None] = lambda: None,
+                 memory: Callable[[], MemoryCounts | None] = lambda: None) -> None:
         self.cache = cache  # (entries, hits, misses, evictions)
         self.policy = policy  # the current Policy
         self.querylog = querylog  # the QueryLog, when one is configured
+        self.memory = memory
 
 
 class BlockerCollector(Collector):
@@ -173,17 +191,38 @@ class BlockerCollector(Collector):
         yield _counter("blocker_dns_cache_misses", "Lookups that found no live cache entry.", misses)
         yield _counter("blocker_dns_cache_evictions", "Entries pushed out of the full cache.", evictions)
         yield _gauge("blocker_dns_cache_entries", "Answers held in the cache.", entries)
+        yield from memory_families(self.gauges.memory())
         yield _gauge("blocker_dns_tcp_connections", "Open client TCP connections.", stats.tcp_connections)
+        family = CounterMetricFamily("blocker_dns_tcp_closed", "TCP connections refused or dropped to keep the "
+                                     "server free for every client, by reason.", labels=["reason"])
+        for reason, value in stats.tcp_closed.copy().items():
+            family.add_metric([reason], value)
+        yield family
         querylog = self.gauges.querylog()
         yield _counter("blocker_querylog_written", "Query-log entries written.", querylog.written if querylog else 0)
         yield _counter("blocker_querylog_dropped", "Query-log entries dropped because the writer fell behind.",
                        querylog.dropped if querylog else 0)
+        yield _counter("blocker_querylog_errors", "Query-log writes that failed (full disk, lost file); retried.",
+                       querylog.errors if querylog else 0)
         yield from upstream_families(stats)
         yield from reload_families(stats)
         policy = self.gauges.policy()
         if policy is not None:
             yield from policy_families(policy)
         yield build_info()
+
+
+def memory_families(memory: MemoryCounts | None) -> Iterator[object]:
+    """Bytes held by the answer cache and the memo, their bounds, and answers too large to cache."""
+    if memory is None:
+        return
+    yield _gauge("blocker_dns_cache_bytes", "Bytes the answer cache holds (answers, keys, bookkeeping).",
+                 memory.cache_bytes)
+    yield _gauge("blocker_dns_cache_max_bytes", "The answer cache's bound in bytes.", memory.cache_max_bytes)
+    yield _counter("blocker_dns_cache_too_large", "Answers not cached because they exceed the per-entry cap.",
+                   memory.cache_too_large)
+    yield _gauge("blocker_dns_memo_bytes", "Bytes the answer memo holds for the running policy.", memory.memo_bytes)
+    yield _gauge("blocker_dns_memo_max_bytes", "The answer memo's bound in bytes.", memory.memo_max_bytes)
 
 
 def dns_families(stats: Stats) -> Iterator[object]:

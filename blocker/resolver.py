@@ -31,6 +31,8 @@ from blocker.clients import Client
 from blocker.clock import Clock
 from blocker.memo import FOREVER, MemoHit, PolicyMemo
 from blocker.message import (
+    CLASS_ANY,
+    CLASS_IN,
     RCODE_FORMERR,
     RCODE_NOTIMP,
     RCODE_SERVFAIL,
@@ -141,6 +143,8 @@ class Resolver:
         client = request.client = memo.client(request.address, query.ecs)
         if not client.allowed:
             return self._done(request, memo.answers.refused(query), Action.REFUSED)
+        if query.qclass != CLASS_IN and query.qclass != CLASS_ANY:
+            return self._done(request, memo.answers.other_class(query), Action.REFUSED)
         categories = memo.categories_of(query.qname)
         if categories:
             decision = memo.decision(client, query.qname, categories, self.clock.now())

@@ -1,7 +1,10 @@
 """The listeners: asyncio UDP and TCP on every listen address, feeding packets to the Resolver.
 
 TCP follows RFC 7766: many queries per connection, answered as they complete (pipelining), an
-idle timeout, and a cap on open connections.
+idle timeout, and a cap on open connections. No client can hold the server: every answer is
+written under a deadline, one address gets a bounded number of connections, and when every slot
+is taken a new connection sheds the oldest idle one. On shutdown, TCP drains like UDP: no new
+queries are read, answers in flight are written, then the connections close.
 """
 
 from __future__ import annotations
@@ -15,14 +18,25 @@ import struct
 from collections.abc import Coroutine
 from typing import Any
 
+from blocker.config import DnsConfig
 from blocker.resolver import Resolver
 
 log = logging.getLogger("blocker")
 
 TCP_IDLE_TIMEOUT = 10.0
-TCP_MAX_CONNECTIONS = 1000
 TCP_MAX_PIPELINE = 100  # queries one connection may have outstanding at once
+# The kernel's send buffer per client connection, fixed (no autotuning to megabytes): answers a
+# client does not read pile up in our buffer soon, where the write timeout sees them.
+TCP_SEND_BUFFER = 64 * 1024
+# Our own write buffer per connection: past this, the next answer waits until the client reads.
+TCP_WRITE_HIGH_WATER = 32 * 1024
+# Bytes of answers waiting to be written, all connections together (Unbound's stream-wait-size):
+# past this, the connection with the most waiting is dropped. A pipelining client may have up to
+# TCP_MAX_PIPELINE answers of up to 64 KiB on their way; this bounds what all of them hold.
+TCP_WAIT_BYTES = 32 * 1024 * 1024
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+_LENGTH = struct.Struct("!H")
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -64,64 +78,221 @@ class UdpListener(asyncio.DatagramProtocol):
         pass  # ICMP errors for answers we sent; nothing to do
 
 
-class TcpListener:
-    """Serves DNS over TCP connections on one server socket."""
+class TcpConnection:
+    """One client TCP connection: reads queries, writes answers as they complete, never blocks forever.
 
-    def __init__(self, resolver: Resolver, tasks: set[asyncio.Task[Any]]) -> None:
-        self.resolver = resolver
-        self.tasks = tasks
-        self.connections: set[asyncio.StreamWriter] = set()
+    Every write is bounded: answers are written one at a time, and one that cannot be handed over
+    within the write timeout (a client that pipelines queries and never reads) drops the connection.
+    While our buffer is full, no new query is read.
+    """
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stats = self.resolver.stats
-        if len(self.connections) >= TCP_MAX_CONNECTIONS:
-            writer.close()
-            return
-        self.connections.add(writer)
-        stats.tcp_connections += 1
-        peer = writer.get_extra_info("peername") or ("", 0)
-        outstanding: set[asyncio.Task[None]] = set()
+    __slots__ = ("address", "listener", "outstanding", "queued", "reader", "stopping", "task", "transport",
+                 "waiting", "write_lock", "writer")
+
+    def __init__(self, listener: TcpListener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 address: str) -> None:
+        self.listener = listener
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.address = address
+        self.outstanding: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        # The timeout of the wait for a new query, while waiting for one: shutdown cuts it short.
+        self.waiting: asyncio.Timeout | None = None
+        self.task = asyncio.current_task()
+        self.write_lock = asyncio.Lock()
+        self.queued = 0  # bytes of answers waiting for their turn to be written
+        self.transport.set_write_buffer_limits(high=TCP_WRITE_HIGH_WATER)
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a new query with nothing owed to the client: the cheapest one to shed."""
+        return (self.waiting is not None and not self.outstanding and not self.transport.is_closing()
+                and self.transport.get_write_buffer_size() == 0)
+
+    def stop(self) -> None:
+        """Read no new query; answers already owed are still written (shutdown)."""
+        self.stopping = True
+        if self.waiting is not None:
+            self.waiting.reschedule(asyncio.get_running_loop().time())
+
+    async def run(self) -> None:
+        resolver = self.listener.resolver
+        reader, address = self.reader, self.address
         try:
-            while True:
+            while not self.stopping:
                 try:
-                    prefix = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
-                    length = struct.unpack("!H", prefix)[0]
-                    data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_TIMEOUT)
-                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    async with asyncio.timeout(TCP_IDLE_TIMEOUT) as self.waiting:
+                        prefix = await reader.readexactly(2)
+                    self.waiting = None
+                    async with asyncio.timeout(TCP_IDLE_TIMEOUT):
+                        data = await reader.readexactly(_LENGTH.unpack(prefix)[0])
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError):
                     break
-                result = self.resolver.handle(data, peer[0], "tcp")
+                finally:
+                    self.waiting = None
+                result = resolver.handle(data, address, "tcp")
                 if result is None:
                     continue
                 if isinstance(result, bytes):
-                    writer.write(struct.pack("!H", len(result)) + result)
-                    await writer.drain()
+                    await self.send(result)
                     continue
-                task = asyncio.ensure_future(self._finish(result, writer))
-                outstanding.add(task)
-                task.add_done_callback(outstanding.discard)
-                if len(outstanding) >= TCP_MAX_PIPELINE:
-                    await asyncio.wait(outstanding, return_when=asyncio.FIRST_COMPLETED)
-            if outstanding:
-                await asyncio.wait(outstanding, timeout=TCP_IDLE_TIMEOUT)
-        except (ConnectionError, OSError):
-            pass
+                task = asyncio.ensure_future(self._finish(result))
+                self.outstanding.add(task)
+                task.add_done_callback(self.outstanding.discard)
+                if len(self.outstanding) >= TCP_MAX_PIPELINE:
+                    await asyncio.wait(self.outstanding, return_when=asyncio.FIRST_COMPLETED)
+            if self.outstanding:
+                await asyncio.wait(self.outstanding, timeout=TCP_IDLE_TIMEOUT)
         finally:
-            for task in outstanding:
-                task.cancel()
-            self.connections.discard(writer)
-            stats.tcp_connections -= 1
-            writer.close()
+            # Answers still on their way are not cancelled (others may share their upstream query);
+            # they find the connection closed and are dropped.
+            self.close()
 
-    async def _finish(self, pending: Coroutine[Any, Any, bytes | None], writer: asyncio.StreamWriter) -> None:
+    async def _finish(self, pending: Coroutine[Any, Any, bytes | None]) -> None:
         try:
             reply = await pending  # the resolver's coroutine answers SERVFAIL itself rather than raise
         except Exception:  # a last resort: never let one query's failure escape into the loop
             log.exception("error while answering a TCP query")
             return
-        if reply is not None and not writer.is_closing():
-            writer.write(struct.pack("!H", len(reply)) + reply)
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
+        if reply is not None:
+            await self.send(reply)
+
+    async def send(self, reply: bytes) -> None:
+        """Write one answer; a client that does not take it in time is disconnected."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        listener = self.listener
+        size = len(reply) + 2
+        self.queued += size
+        listener.queued += size
+        try:
+            if listener.queued > TCP_WAIT_BYTES:
+                listener.shed_largest()
+            async with self.write_lock:
+                if transport.is_closing():
+                    return
+                self.writer.write(_LENGTH.pack(len(reply)) + reply)
+                if transport.get_write_buffer_size() > TCP_WRITE_HIGH_WATER:
+                    async with asyncio.timeout(listener.settings().tcp_write_timeout):
+                        await self.writer.drain()
+        except TimeoutError:
+            listener.count("write_timeout")
+            self.abort()
+        except (ConnectionError, OSError):
+            self.abort()
+        finally:
+            self.queued -= size
+            listener.queued -= size
+
+    def abort(self) -> None:
+        """Drop the connection at once with a reset, discarding what the kernel still holds for it."""
+        _reset_on_close(self.transport)
+        self.transport.abort()
+
+    def close(self) -> None:
+        """Close once what is buffered is written, or at the write timeout at the latest."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        pending = transport.get_write_buffer_size()
+        transport.close()
+        if pending:
+            asyncio.get_running_loop().call_later(self.listener.settings().tcp_write_timeout, self.abort)
+
+
+def _reset_on_close(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError, RuntimeError):  # uvloop: a closed handle
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+class TcpListener:
+    """Serves DNS over TCP connections on every server socket, within the connection limits:
+    `dns.tcp_max_per_client` per source address (trusted forwarders exempt) and
+    `dns.tcp_max_connections` in all, where a new connection sheds the oldest idle one."""
+
+    def __init__(self, resolver: Resolver, tasks: set[asyncio.Task[Any]]) -> None:
+        self.resolver = resolver
+        self.tasks = tasks
+        self.connections: dict[TcpConnection, None] = {}  # oldest first
+        self.per_address: dict[str, int] = {}
+        self.queued = 0  # bytes of answers waiting to be written, every connection together
+        self.closing = False
+
+    def settings(self) -> DnsConfig:
+        return self.resolver.policy.config.dns
+
+    def count(self, reason: str) -> None:
+        """One connection refused or dropped (metrics.TCP_CLOSE_REASONS)."""
+        self.resolver.stats.tcp_closed[reason] += 1
+
+    def shed_largest(self) -> None:
+        """Too many answers wait to be written: drop the connection holding the most of them."""
+        largest, most = None, 0
+        for connection in self.connections:
+            transport = connection.transport
+            if transport.is_closing():
+                continue
+            held = connection.queued + transport.get_write_buffer_size()
+            if held > most:
+                largest, most = connection, held
+        if largest is not None:
+            self.count("wait_limit")
+            largest.abort()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("", 0)
+        address = peer[0]
+        if not self._admit(address):
+            _reset_on_close(writer.transport)
+            writer.transport.abort()
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TCP_SEND_BUFFER)
+        connection = TcpConnection(self, reader, writer, address)
+        self.connections[connection] = None
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+        stats = self.resolver.stats
+        stats.tcp_connections += 1
+        try:
+            await connection.run()
+        except Exception:
+            # Nothing a client sends may end in a traceback per connection; a bug is logged once here.
+            log.exception("error on a TCP connection from %s", address)
+            connection.abort()
+        finally:
+            del self.connections[connection]
+            left = self.per_address[address] - 1
+            if left:
+                self.per_address[address] = left
+            else:
+                del self.per_address[address]
+            stats.tcp_connections -= 1
+
+    def _admit(self, address: str) -> bool:
+        """Whether a new connection from `address` may stay, shedding an idle one to make room."""
+        if self.closing:
+            return False
+        dns = self.settings()
+        if (self.per_address.get(address, 0) >= dns.tcp_max_per_client
+                and not self.resolver.policy.is_trusted(address)):
+            self.count("client_limit")
+            return False
+        if len(self.connections) < dns.tcp_max_connections:
+            return True
+        for connection in self.connections:
+            if connection.idle:
+                self.count("shed_idle")
+                connection.close()
+                return True
+        self.count("full")
+        return False
 
 
 class Listeners:
@@ -159,12 +330,20 @@ class Listeners:
         raise OSError(errno.EADDRINUSE, "no free port for UDP and TCP together")
 
     async def close(self, drain_seconds: float) -> None:
-        """Stop accepting, then let answers in flight finish (up to a deadline)."""
+        """Stop accepting and reading, let answers in flight be written (up to a deadline), close."""
+        tcp = self.tcp_listener
+        tcp.closing = True
         for server in self.tcp:
             server.close()
-        for writer in list(self.tcp_listener.connections):
-            writer.close()
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=drain_seconds)
+        for connection in list(tcp.connections):
+            connection.stop()
+        waiting = set(self.tasks) | {c.task for c in tcp.connections if c.task is not None}
+        if waiting:
+            await asyncio.wait(waiting, timeout=drain_seconds)
+        stuck = [c.task for c in tcp.connections if c.task is not None]
+        for connection in list(tcp.connections):
+            connection.abort()
+        if stuck:
+            await asyncio.wait(stuck, timeout=1.0)  # let them unwind quietly after the abort
         for transport in self.udp:
             transport.close()
