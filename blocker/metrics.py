@@ -94,6 +94,7 @@ class Stats:
         self.stale_answers = 0
         self.rate_limited = {action: 0 for action in RATE_LIMIT_ACTIONS}
         self.client_limited = 0
+        self.unidentified_vpn = 0  # queries from inside identity.vpn_networks with no binding and no device
         self.last_reload_error: tuple[str, int, str] | None = None  # (file, line, message) while failing
         for transport in TRANSPORTS:
             for action in ACTIONS:
@@ -263,6 +264,9 @@ def dns_families(stats: Stats) -> Iterator[object]:
     yield family
     yield _counter("blocker_dns_client_limited", "Misses answered SERVFAIL because their client already had its "
                    "cap of queries waiting upstream.", stats.client_limited)
+    yield _counter("blocker_dns_unidentified_vpn_queries",
+                   "Queries from inside identity.vpn_networks that no binding and no inventory device identified.",
+                   stats.unidentified_vpn)
     histogram = HistogramMetricFamily("blocker_dns_request_duration_seconds",
                                       "Time from receiving a query to sending its answer.")
     histogram.add_metric([], stats.duration.buckets(), stats.duration.sum)
@@ -346,9 +350,11 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return family
 
 
-def make_registry(stats: Stats, gauges: Gauges) -> CollectorRegistry:
+def make_registry(stats: Stats, gauges: Gauges, *extra: Collector) -> CollectorRegistry:
     """A registry of blocker's own metrics plus the standard `process_*` ones (memory, CPU, fds)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BlockerCollector(stats, gauges))
+    for collector in extra:
+        registry.register(collector)
     ProcessCollector(registry=registry)
     return registry

@@ -28,6 +28,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from blocker.bindings import Binding, BindingTable
 from blocker.cache import AnswerCache, CacheEntry
 from blocker.clients import Client
 from blocker.clock import Clock
@@ -65,19 +66,26 @@ class Resolver:
     """Answers queries under the current policy; shared by the UDP and TCP listeners."""
 
     def __init__(self, policy: Policy, cache: AnswerCache, upstreams: Upstreams, recorder: Recorder,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, bindings: BindingTable | None = None) -> None:
         self.cache = cache
+        self.bindings = bindings
         self.upstreams = upstreams
         self.recorder = recorder
         self.stats = recorder.stats  # for the listeners' own counters (TCP connections)
         self.clock = clock or recorder.clock
-        self.memo = PolicyMemo(policy)
+        self.memo = PolicyMemo(policy, bindings)
         recorder.version = policy.version
         self.limiter: RateLimiter | None = None
         self.outstanding = Outstanding(0)
         # Cache keys served stale lately -> until when they are served stale without asking again.
         self._stale_until: dict[bytes, float] = {}
         self._configure_limits(policy)
+        if bindings is not None:
+            bindings.listeners.append(self.binding_changed)
+
+    def binding_changed(self, op: str, binding: Binding, local: bool) -> None:
+        """A listener of the binding table: the memo must not keep the old identity of that address."""
+        self.memo.forget(binding.network)
 
     @property
     def policy(self) -> Policy:
@@ -85,7 +93,7 @@ class Resolver:
 
     def swap(self, policy: Policy) -> None:
         """Install a new policy; queries already past `identify` finish on the old one."""
-        self.memo = PolicyMemo(policy)
+        self.memo = PolicyMemo(policy, self.bindings)
         self.recorder.version = policy.version
         self._configure_limits(policy)
 

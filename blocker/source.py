@@ -164,6 +164,7 @@ def _own_files(policy: Policy, config_path: Path | None) -> list[Path]:
     paths = [source] if source is not None else []
     if policy.config.policy.exemptions_file is not None:
         paths.append(policy.config.policy.exemptions_file)
+    paths.extend(policy.inventory.files)
     return paths
 
 

@@ -93,7 +93,7 @@ def test_the_example_config_validates() -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "docs/../blocklists/tiktok.yaml: category tiktok:" in result.stdout  # the repository's lists
-    assert re.search(r"^OK: policy \w+ from docs/blocker.example.yaml: 10 categories, \d+ rules, 2 devices, "
+    assert re.search(r"^OK: policy \w+ from docs/blocker.example.yaml: 10 categories, \d+ rules, 4 devices, "
                      r"2 exemptions$", result.stdout, re.M), result.stdout
     assert "unknown device" not in result.stdout and "overlap" not in result.stdout
 
