@@ -12,6 +12,7 @@ from blocker.message import (
     EDE_NOT_SUPPORTED,
     EDE_OTHER,
     EDE_PROHIBITED,
+    EDE_STALE_ANSWER,
     QTYPE_A,
     QTYPE_AAAA,
     RCODE_NOERROR,
@@ -51,6 +52,9 @@ class BlockAnswers:
         self._servfail_opt = opt_pair(ede_option(EDE_NO_REACHABLE_AUTHORITY, "no upstream answered"))
         self._unreadable_opt = opt_pair(ede_option(EDE_OTHER, "upstream answer unreadable"))
         self._internal_opt = opt_pair(ede_option(EDE_OTHER, "internal error"))
+        self._rate_limited_opt = opt_pair(ede_option(EDE_OTHER, "rate limited"))
+        self._busy_opt = opt_pair(ede_option(EDE_OTHER, "too many queries of this client waiting upstream"))
+        self.stale_opt = opt_pair(ede_option(EDE_STALE_ANSWER, "no upstream answered; expired answer"))
         self._class_opt = opt_pair(ede_option(EDE_NOT_SUPPORTED, "only class IN is served"))
         for category in policy.lists.categories:
             self._opt_for(category)
@@ -91,6 +95,14 @@ class BlockAnswers:
     def unreadable(self, query: Query) -> bytes:
         """SERVFAIL: the upstream's answer was not a well-formed message."""
         return answer(query, RCODE_SERVFAIL, opt=self._unreadable_opt)
+
+    def rate_limited(self, query: Query) -> bytes:
+        """REFUSED with EDE 0: the client is over its `dns.rate_limit`."""
+        return answer(query, RCODE_REFUSED, opt=self._rate_limited_opt)
+
+    def client_busy(self, query: Query) -> bytes:
+        """SERVFAIL with EDE 0: the client already has `max_outstanding_per_client` queries waiting."""
+        return answer(query, RCODE_SERVFAIL, opt=self._busy_opt)
 
     def internal_error(self, query: Query) -> bytes:
         """SERVFAIL: answering this query raised (logged with its traceback)."""

@@ -254,8 +254,14 @@ def run_check(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"blocker check: '{args.domain}' is not a domain name: {err}", file=sys.stderr)
         return 2
+    bindings, where = None, ""
+    if args.client:
+        from blocker.identity import bindings_for_check
+
+        bindings, where = bindings_for_check(policy.config.identity)
     try:
-        client, identity = find_client(policy, device=args.device, address=args.client)
+        client, identity = find_client(policy, device=args.device, address=args.client, bindings=bindings,
+                                       bindings_from=where)
     except ValueError as err:
         print(f"blocker check: {err}", file=sys.stderr)
         return 2
@@ -347,6 +353,14 @@ def run_validate(config: Path | None, as_json: bool = False) -> int:
         print(f"{category.file}: category {name}: {sizes.get(name, 0)} rules")
     for warning in policy.warnings:
         print(f"{warning} (warning)")
+    radius = policy.config.identity.radius_accounting
+    if radius is not None:
+        from blocker.radius import load_secret
+
+        try:
+            load_secret(radius.secret_file)
+        except ConfigError as err:  # a warning: the secret is often mounted only where blocker runs
+            print(f"{err.problems[0]} (warning: `blocker serve` will not start without it)")
     for kind, text in notes:
         print(f"{text} ({kind})")
     print(f"OK: policy {policy.version} from {policy.config.source_name}: {len(policy.lists.categories)} "

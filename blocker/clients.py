@@ -1,22 +1,25 @@
-"""Who is asking: `allow_networks`, devices by address or CIDR (most specific wins), ECS from trusted forwarders.
+"""Who is asking: `allow_networks`, then the device, in one order of precedence:
 
-Everything is indexed once per policy: exact addresses in a dict, CIDRs in one dict per prefix
-length, so a lookup costs the same with 30,000 devices as with three.
+1. a dynamic binding learned from RADIUS accounting (bindings.py), if the address has one now;
+2. a static address of the inventory or of `policy.devices` (inventory.py; most specific wins);
+3. otherwise the default group.
+
+ECS from a trusted forwarder replaces the source address first. Everything is indexed by integer
+address, one dict per prefix length, so a lookup costs the same with 100,000 devices as with three.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from blocker.config import IPNetwork
+from blocker.inventory import parse_address
 
 if TYPE_CHECKING:
+    from blocker.bindings import BindingTable
     from blocker.policy import Policy
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,63 +30,23 @@ class Client:
     device: str | None
     group: str
     allowed: bool
+    origin: str = "default"  # where the identity came from: binding, inventory, proxyauth or default
+    # The Binding or InventoryDevice it came from (formatted only when shown: `detail`).
+    evidence: object = None
+    unidentified_vpn: bool = False  # inside identity.vpn_networks, yet no binding and no device
+    note: str = ""  # appended to `detail` (e.g. where `blocker check` read the bindings)
 
-
-class NetworkTable(Generic[T]):
-    """Longest-prefix match of an address against networks; built once, looked up often."""
-
-    def __init__(self, entries: Iterable[tuple[IPNetwork, T]]) -> None:
-        # (version, prefixlen) -> {network int: value}
-        self._by_prefix: dict[tuple[int, int], dict[int, T]] = {}
-        self.duplicates: list[IPNetwork] = []  # the same network given twice (the first keeps it)
-        for network, value in entries:
-            table = self._by_prefix.setdefault((network.version, network.prefixlen), {})
-            key = int(network.network_address)
-            if key in table:
-                if table[key] != value:
-                    self.duplicates.append(network)
-                continue
-            table[key] = value
-        self._prefixes = {
-            version: sorted((p for v, p in self._by_prefix if v == version), reverse=True)
-            for version in (4, 6)
-        }
-
-    def prefix_lengths(self, version: int) -> list[int]:
-        """The distinct prefix lengths of one IP version, longest first: one dict probe each per lookup."""
-        return list(self._prefixes[version])
-
-    def lookup(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> T | None:
-        version = address.version
-        bits = 32 if version == 4 else 128
-        value = int(address)
-        for prefix in self._prefixes[version]:
-            network = value >> (bits - prefix) << (bits - prefix) if prefix else 0
-            found = self._by_prefix[(version, prefix)].get(network)
-            if found is not None:
-                return found
-        return None
-
-    def overlaps(self) -> list[tuple[IPNetwork, IPNetwork]]:
-        """Pairs (outer, inner) where one network contains another, in O(n log n) (for `validate`)."""
-        out: list[tuple[IPNetwork, IPNetwork]] = []
-        for version in (4, 6):
-            bits = 32 if version == 4 else 128
-            spans = sorted((start, prefix) for (v, prefix), table in self._by_prefix.items() if v == version
-                           for start in table)
-            open_spans: list[tuple[int, int, int]] = []  # (start, end, prefix) of networks that may still contain
-            for start, prefix in spans:
-                end = start + (1 << (bits - prefix)) - 1
-                while open_spans and open_spans[-1][1] < start:
-                    open_spans.pop()
-                if open_spans:
-                    outer_start, _outer_end, outer_prefix = open_spans[-1]
-                    out.append((ipaddress.ip_network((outer_start, outer_prefix)) if version == 4
-                                else ipaddress.IPv6Network((outer_start, outer_prefix)),
-                                ipaddress.ip_network((start, prefix)) if version == 4
-                                else ipaddress.IPv6Network((start, prefix))))
-                open_spans.append((start, end, prefix))
-        return out
+    @property
+    def detail(self) -> str:
+        """Binding: "gateway G since T"; inventory: FILE:LINE; default: empty."""
+        evidence = self.evidence
+        text = ""
+        if self.origin == "binding" and evidence is not None:
+            since = datetime.fromtimestamp(evidence.since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")  # type: ignore[attr-defined]
+            text = f"gateway {evidence.gateway} since {since}"  # type: ignore[attr-defined]
+        elif evidence is not None:
+            text = evidence.where  # type: ignore[attr-defined]
+        return f"{text} ({self.note})" if self.note and text else text
 
 
 def parse_ecs(option: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -99,21 +62,26 @@ def parse_ecs(option: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     return None
 
 
-def identify(policy: Policy, address: str, ecs: bytes | None = None) -> Client:
+def identify(policy: Policy, address: str, ecs: bytes | None = None, bindings: BindingTable | None = None,
+             now: float | None = None) -> Client:
     """Find the client behind a source address (or the ECS address a trusted forwarder sent)."""
-    try:
-        source = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return Client(address, None, policy.config.policy.default_group, False)
-    if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
-        source = source.ipv4_mapped
-    allowed = policy.allow_table.lookup(source) is not None
-    if ecs is not None and policy.trusted_table.lookup(source) is not None:
+    default = policy.config.policy.default_group
+    source = parse_address(address)
+    if source is None:
+        return Client(address, None, default, False)
+    allowed = policy.allow_table.lookup(*source) is not None
+    if ecs is not None and policy.trusted_table.lookup(*source) is not None:
         subnet = parse_ecs(ecs)
         if subnet is not None:
-            source = subnet
             address = str(subnet)
-    device = policy.device_table.lookup(source)
-    if device is None:
-        return Client(address, None, policy.config.policy.default_group, allowed)
-    return Client(address, device.id, device.group, allowed)
+            source = (subnet.version, int(subnet))
+    if bindings is not None:
+        binding = bindings.lookup(source[0], source[1], bindings.clock() if now is None else now)
+        if binding is not None:
+            known = policy.devices.get(binding.device)
+            return Client(address, binding.device, known.group if known else default, allowed, "binding", binding)
+    device = policy.inventory.lookup(source[0], source[1])
+    if device is not None:
+        return Client(address, device.id, device.group, allowed, "inventory", device)
+    return Client(address, None, default, allowed,
+                  unidentified_vpn=policy.vpn_table.lookup(*source) is not None)

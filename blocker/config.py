@@ -39,6 +39,15 @@ class BlockResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Queries a second per client address beyond which it is answered REFUSED (or dropped); 0 = off."""
+
+    qps: float = 0.0
+    burst: float = 0.0
+    action: str = "refused"
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     listen: tuple[Endpoint, ...] = (("127.0.0.1", 8053),)  # 5353 is mDNS (avahi, mDNSResponder)
     upstreams: tuple[Endpoint, ...] = ()
@@ -49,6 +58,10 @@ class DnsConfig:
     cache_size: int = 100_000
     trusted_forwarders: tuple[IPNetwork, ...] = ()
     upstream_timeout: float = 2.0
+    upstream_0x20: bool = True  # randomise the case of names sent upstream (falls back per upstream)
+    serve_stale: float = 86_400  # seconds an expired answer may still be served when upstreams fail
+    rate_limit: RateLimit = RateLimit()
+    max_outstanding_per_client: int = 2048  # queries one client may have waiting on the upstreams
     # Memory and connection bounds (see README: why these defaults).
     cache_bytes: int = DEFAULT_CACHE_BYTES
     tcp_max_connections: int = 1000
@@ -149,6 +162,41 @@ class PolicyConfig:
     # `policy.exemptions_file`: exemptions kept in a file of their own (the one the commands edit).
     exemptions_file: Path | None = None
     expiry_warning_days: int = 14  # EXPIRY_WARNING_DAYS
+    inventory: tuple[Path, ...] = ()  # device inventory files (CSV or YAML), see blocker/inventory.py
+
+
+RADIUS_DEVICE_ATTRIBUTES = ("User-Name", "Calling-Station-Id", "Class")
+
+
+@dataclass(frozen=True, slots=True)
+class RadiusConfig:
+    """`identity.radius_accounting`: where the VPN gateway's accounting stream arrives."""
+
+    listen: Endpoint = ("0.0.0.0", 1813)
+    secret_file: Path = Path("radius.secret")
+    clients: tuple[IPNetwork, ...] = ()
+    device_attribute: str = "User-Name"
+    device_regex: str | None = None  # the device id is the first group (or the group named `device`)
+    binding_ttl: float | None = None  # None: 3 x Acct-Interim-Interval, else one hour
+    max_bindings: int = 500_000
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """`identity.store`: the Redis/Valkey shared by every replica for bindings."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "blocker"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """`identity`: dynamic address -> device bindings (RADIUS accounting, snapshot, shared store)."""
+
+    radius_accounting: RadiusConfig | None = None
+    snapshot: Path | None = None
+    store: StoreConfig | None = None
+    vpn_networks: tuple[IPNetwork, ...] = ()  # queries from here with no identity are counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +207,7 @@ class Config:
     query_log: QueryLogConfig
     proxy: ProxyConfig
     policy: PolicyConfig
+    identity: IdentityConfig = IdentityConfig()
     source: Path | None = None
     # Lines of the config file for the sections that later checks refer to.
     lines: dict[str, int] = field(default_factory=dict)
@@ -218,11 +267,18 @@ def embedded_defaults() -> Config:
     )
 
 
-_TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "audit", "console"}
+_TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "audit", "console",
+             "identity"}
 _DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_ttl", "cache_size",
-             "trusted_forwarders", "upstream_timeout",
-             "cache_bytes", "tcp_max_connections", "tcp_max_per_client", "tcp_write_timeout"}
-_POLICY_KEYS = {"default_group", "groups", "devices", "exemptions", "exemptions_file", "expiry_warning_days"}
+             "trusted_forwarders", "upstream_timeout", "upstream_0x20", "serve_stale", "rate_limit",
+             "max_outstanding_per_client", "cache_bytes", "tcp_max_connections", "tcp_max_per_client",
+             "tcp_write_timeout"}
+_RATE_LIMIT_KEYS = {"qps", "burst", "action"}
+RATE_LIMIT_ACTIONS = ("refused", "drop")
+_POLICY_KEYS = {"default_group", "groups", "devices", "exemptions", "exemptions_file", "expiry_warning_days",
+                "inventory"}
+_IDENTITY_KEYS = {"radius_accounting", "snapshot", "store", "vpn_networks"}
+_RADIUS_KEYS = {"listen", "secret_file", "clients", "device_attribute", "binding_ttl", "max_bindings"}
 _DEVICE_KEYS = {"id", "addresses", "group"}
 _EXEMPTION_KEYS = {"device", "allow", "approved_by", "reference", "reason", "expires", "starts"}
 
@@ -253,6 +309,7 @@ def load_config(path: Path | None, texts: dict[Path, str] | None = None) -> Conf
         query_log=_query_log(read, top.get("query_log"), base),
         proxy=_proxy(read, top.get("proxy")),
         policy=_policy(read, top.get("policy"), lines, base, texts, warnings),
+        identity=_identity(read, top.get("identity"), base),
         source=path,
         lines=lines,
         console=_console(read, top.get("console"), base),
@@ -333,8 +390,34 @@ def _dns(read: Reader, node: yaml.Node | None, warnings: Collector) -> DnsConfig
     if "upstream_timeout" in fields:
         timeout = read.number(fields["upstream_timeout"], "dns.upstream_timeout", 0.05)
         values["upstream_timeout"] = defaults.upstream_timeout if timeout is None else timeout
+    if "upstream_0x20" in fields:
+        flag = read.boolean(fields["upstream_0x20"], "dns.upstream_0x20")
+        values["upstream_0x20"] = defaults.upstream_0x20 if flag is None else flag
+    if "serve_stale" in fields:
+        stale = read.number(fields["serve_stale"], "dns.serve_stale", 0.0)
+        values["serve_stale"] = defaults.serve_stale if stale is None else stale
+    if "max_outstanding_per_client" in fields:
+        cap = read.integer(fields["max_outstanding_per_client"], "dns.max_outstanding_per_client", 0, 1_000_000)
+        values["max_outstanding_per_client"] = defaults.max_outstanding_per_client if cap is None else cap
+    if "rate_limit" in fields:
+        values["rate_limit"] = _rate_limit(read, fields["rate_limit"])
     _dns_bounds(read, fields, values)
     return DnsConfig(**values)  # type: ignore[arg-type]
+
+
+def _rate_limit(read: Reader, node: yaml.Node) -> RateLimit:
+    fields = read.mapping(node, "dns.rate_limit", _RATE_LIMIT_KEYS)
+    qps = read.number(fields["qps"], "dns.rate_limit.qps", 0.0) if "qps" in fields else None
+    qps = qps or 0.0
+    burst = read.number(fields["burst"], "dns.rate_limit.burst", 1.0) if "burst" in fields else None
+    action = "refused"
+    if "action" in fields:
+        text = read.string(fields["action"], "dns.rate_limit.action")
+        if text is not None and text not in RATE_LIMIT_ACTIONS:
+            read.error(fields["action"], f"dns.rate_limit.action must be refused or drop, got '{text}'")
+        elif text is not None:
+            action = text
+    return RateLimit(qps, burst if burst is not None else 2 * qps, action)
 
 
 def _dns_bounds(read: Reader, fields: dict[str, yaml.Node], values: dict[str, object]) -> None:
@@ -529,7 +612,110 @@ def _policy(read: Reader, node: yaml.Node | None, lines: dict[str, int], base: P
             exemptions_file = base / text
             lines["policy.exemptions_file"] = fields["exemptions_file"].start_mark.line + 1
             exemptions += _exemptions_file(read, exemptions_file, fields["exemptions_file"], texts, lines)
-    return PolicyConfig(default_group, groups, devices, exemptions, exemptions_file, expiry_days)
+    inventory: list[Path] = []
+    if "inventory" in fields:
+        lines["policy.inventory"] = fields["inventory"].start_mark.line + 1
+        node_inventory = fields["inventory"]
+        items = ([(read.string(node_inventory, "policy.inventory"), node_inventory)]
+                 if isinstance(node_inventory, yaml.ScalarNode) else read.strings(node_inventory, "policy.inventory"))
+        for text, _item in items:
+            if text:
+                inventory.append(base / text)
+    return PolicyConfig(default_group, groups, devices, exemptions, exemptions_file, expiry_days,
+                        tuple(inventory))
+
+
+def _identity(read: Reader, node: yaml.Node | None, base: Path) -> IdentityConfig:
+    fields = read.mapping(node, "identity", _IDENTITY_KEYS)
+    radius = _radius(read, fields["radius_accounting"], base) if "radius_accounting" in fields else None
+    snapshot = None
+    if "snapshot" in fields and not _null(fields["snapshot"]):
+        text = read.string(fields["snapshot"], "identity.snapshot")
+        snapshot = base / text if text else None
+    store = None
+    if "store" in fields and not _null(fields["store"]):
+        store_fields = read.mapping(fields["store"], "identity.store", {"url", "prefix"})
+        defaults = StoreConfig()
+        url = read.string(store_fields["url"], "identity.store.url") if "url" in store_fields else defaults.url
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://", "valkey://")):
+            read.error(store_fields["url"], f"identity.store.url must be redis://HOST:PORT/DB, got '{url}'")
+        prefix = (read.string(store_fields["prefix"], "identity.store.prefix")
+                  if "prefix" in store_fields else defaults.prefix)
+        store = StoreConfig((url or defaults.url).replace("valkey://", "redis://", 1), prefix or defaults.prefix)
+    vpn = _networks(read, fields.get("vpn_networks"), "identity.vpn_networks")
+    return IdentityConfig(radius, snapshot, store, vpn)
+
+
+def _radius(read: Reader, node: yaml.Node, base: Path) -> RadiusConfig:
+    where = "identity.radius_accounting"
+    fields = read.mapping(node, where, _RADIUS_KEYS)
+    defaults = RadiusConfig()
+    for key in ("secret_file", "clients"):
+        if key not in fields:
+            read.error(node, f"{where} needs {key} (accounting is accepted only from listed gateways with "
+                             "their shared secret)")
+    listen = defaults.listen
+    if "listen" in fields:
+        text = read.string(fields["listen"], f"{where}.listen")
+        if text is not None:
+            try:
+                ipaddress.ip_address(text.strip().strip("[]"))
+                listen = (text.strip().strip("[]"), 1813)
+            except ValueError:
+                listen = read.endpoint(fields["listen"], f"{where}.listen") or defaults.listen
+    secret_file = defaults.secret_file
+    if "secret_file" in fields:
+        text = read.string(fields["secret_file"], f"{where}.secret_file")
+        secret_file = base / text if text else secret_file
+    clients = _networks(read, fields.get("clients"), f"{where}.clients")
+    if "clients" in fields and not clients:
+        read.error(fields["clients"], f"{where}.clients needs at least one gateway address or network")
+    attribute, regex = defaults.device_attribute, None
+    if "device_attribute" in fields:
+        attribute, regex = _device_attribute(read, fields["device_attribute"], f"{where}.device_attribute")
+    ttl = None
+    if "binding_ttl" in fields and not _null(fields["binding_ttl"]):
+        ttl = read.number(fields["binding_ttl"], f"{where}.binding_ttl", 1.0)
+    max_bindings = defaults.max_bindings
+    if "max_bindings" in fields:
+        max_bindings = read.integer(fields["max_bindings"], f"{where}.max_bindings", 1, 10_000_000) or max_bindings
+    return RadiusConfig(listen, secret_file, clients, attribute, regex, ttl, max_bindings)
+
+
+def _device_attribute(read: Reader, node: yaml.Node, where: str) -> tuple[str, str | None]:
+    """`User-Name`, or `{attribute: User-Name, regex: '^(?P<device>[^@]+)@'}`."""
+    names = ", ".join(RADIUS_DEVICE_ATTRIBUTES)
+    regex = None
+    if isinstance(node, yaml.MappingNode):
+        fields = read.mapping(node, where, {"attribute", "regex"})
+        if "attribute" not in fields:
+            read.error(node, f"{where} needs attribute (one of {names})")
+            return RadiusConfig().device_attribute, None
+        attribute = read.string(fields["attribute"], f"{where}.attribute")
+        if "regex" in fields:
+            regex = read.string(fields["regex"], f"{where}.regex")
+            if regex is not None:
+                try:
+                    compiled = re.compile(regex)
+                except re.error as err:
+                    read.error(fields["regex"], f"{where}.regex: {err}")
+                    regex = None
+                else:
+                    if compiled.groups == 0:
+                        read.error(fields["regex"], f"{where}.regex needs a group that captures the device id")
+                        regex = None
+        attr_node = fields["attribute"]
+    else:
+        attribute = read.string(node, where)
+        attr_node = node
+    if attribute is not None and attribute not in RADIUS_DEVICE_ATTRIBUTES:
+        read.error(attr_node, f"{where} must be one of {names}, got '{attribute}'")
+        attribute = None
+    return attribute or RadiusConfig().device_attribute, regex
+
+
+def _null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null") and node.style in (None, "")
 
 
 def _exemptions_file(read: Reader, path: Path, where: yaml.Node, texts: dict[Path, str],

@@ -24,6 +24,7 @@ from blocker.clock import Clock
 from blocker.errors import ConfigError
 from blocker.gcstats import GcPauses
 from blocker.httpd import OpsServer
+from blocker.identity import IdentityCollector, IdentityService
 from blocker.logs import setup_logging
 from blocker.metrics import Gauges, MemoryCounts, Stats, make_registry
 from blocker.policy import Policy
@@ -71,9 +72,15 @@ class Daemon:
         self.stats.prepare(policy.group_order, policy.lists.categories)
         dns = policy.config.dns
         self.cache = AnswerCache(dns.cache_size, cache_share(dns.cache_bytes))
+        self.cache.stale_window = dns.serve_stale
         self.upstreams = follow_config(None, dns, self.stats)
         self.recorder = Recorder(self.stats, self.clock)
-        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock)
+        identity = policy.config.identity
+        self.identity = IdentityService(identity, self.clock.time) if IdentityService.wanted(identity) else None
+        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock,
+                                 self.identity.table if self.identity else None)
+        # Exported (at zero) even when identity is off: dashboards and alerts see a series, not a gap.
+        self._identity_metrics = IdentityCollector(self.identity or IdentityService(identity, self.clock.time))
         self.listeners = Listeners(self.resolver)
         self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
         self.audit = ExemptionAudit(policy.config.audit.path)  # audit.path: read at start only
@@ -94,8 +101,10 @@ class Daemon:
         if not config.dns.upstreams:
             log.warning("no upstream servers configured or found in /etc/resolv.conf: "
                         "allowed names will get SERVFAIL")
-        if not await self._listen():
+        if not await self._listen() or not await self._start_identity():
             await self.listeners.close(0)
+            if self.ops is not None:
+                self.ops.stop()
             return 2
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
@@ -115,6 +124,8 @@ class Daemon:
         watcher.cancel()
         self.source.close()  # a reload still running swaps nothing in now
         await self.listeners.close(DRAIN_SECONDS)
+        if self.identity is not None:
+            await self.identity.stop()
         if self.ops is not None:
             self.ops.stop()
         if self.console is not None:
@@ -139,7 +150,7 @@ class Daemon:
             gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog,
                             self._memory_numbers)
             try:
-                registry = make_registry(self.stats, gauges)
+                registry = make_registry(self.stats, gauges, self._identity_metrics)
                 registry.register(self.gc_pauses)
                 self.ops = OpsServer(*config.metrics.listen, registry, lambda: self.ready)
             except OSError as err:
@@ -152,6 +163,24 @@ class Daemon:
 
             self.console = start_console(self, config.console)
             return self.console is not None
+        return True
+
+    async def _start_identity(self) -> bool:
+        """Restore bindings, bind the RADIUS accounting port, start the store mirror; False (logged) on failure."""
+        if self.identity is None:
+            return True
+        radius = self.policy.config.identity.radius_accounting
+        try:
+            await self.identity.start()
+        except ConfigError as err:
+            log_problems("cannot start", err)
+            return False
+        except OSError as err:
+            assert radius is not None
+            log.error("%s", bind_error("for RADIUS accounting (udp)", format_endpoint(*radius.listen), err))
+            return False
+        if self.identity.radius_address is not None:
+            log.info("listening radius=%s (udp)", format_endpoint(*self.identity.radius_address))
         return True
 
     def _configure_querylog(self, policy: Policy) -> None:
@@ -214,21 +243,27 @@ class Daemon:
     def _loaded(self, policy: Policy, why: str, milliseconds: float) -> None:
         old = self.policy.config
         new = policy.config
+        lists = "reused" if policy.lists is self.policy.lists else "reloaded"
         upstreams = follow_config(self.upstreams, new.dns, self.stats)
         if upstreams is not self.upstreams:
             self.upstreams = self.resolver.upstreams = upstreams
             # Answers from the old upstreams may differ: start the cache afresh.
             self.cache.clear()
         self.cache.resize(new.dns.cache_size, cache_share(new.dns.cache_bytes))
+        self.cache.stale_window = new.dns.serve_stale
         if new.dns.listen != old.dns.listen or new.metrics.listen != old.metrics.listen:
             log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
+        if new.identity != old.identity:
+            log.warning("identity changed: restart blocker to apply (bindings, accounting and store keep running "
+                        "as they started)")
         self.stats.prepare(policy.group_order, policy.lists.categories)
         self.resolver.swap(policy)
         settle_heap()
         self._configure_querylog(policy)
         self.stats.last_reload_error = None
         self.stats.reloaded(True)
-        log.info("reloaded (%s) policy=%s in %.0f ms", why, policy.version, milliseconds)
+        log.info("reloaded (%s) policy=%s in %.0f ms (lists %s, %d devices)", why, policy.version, milliseconds, lists,
+                 len(policy.devices))
         self._audit(self.audit.update(new.policy.exemptions, self.clock.now(), policy.version))
 
 

@@ -4,7 +4,8 @@ Most queries repeat: the same handset asks the same name again, and thousands of
 group ask the same few names. A `PolicyMemo` belongs to one policy and is replaced whole on
 reload, so nothing in it can outlive the policy it was derived from. It holds:
 
-- clients: (source address, ECS) -> the identified client;
+- clients: (source address, ECS) -> the identified client (an address whose binding changes is
+  forgotten at once: see `forget`);
 - categories: name -> its categories (one index walk per name);
 - decisions: (group, categories, canary) -> decision, for clients without exemptions, whose
   decision then depends on nothing else, not even the time;
@@ -25,11 +26,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from blocker.answers import BlockAnswers
 from blocker.cache import MAX_ENTRY_BYTES, MEMO_SHARE
 from blocker.clients import Client, identify
+from blocker.inventory import Network, format_network
 from blocker.policy import CANARY_NAMES, Action, Decision, Policy, decide_categories
+
+if TYPE_CHECKING:
+    from blocker.bindings import BindingTable
 
 MEMO_LIMIT = 200_000
 FOREVER = float("inf")
@@ -97,10 +103,11 @@ class MemoHit:
 class PolicyMemo:
     """The running policy, its own answers, and everything remembered under it."""
 
-    __slots__ = ("answers", "categories", "clients", "decisions", "memo_clients", "policy", "replies")
+    __slots__ = ("answers", "bindings", "categories", "clients", "decisions", "memo_clients", "policy", "replies")
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, bindings: BindingTable | None = None) -> None:
         self.policy = policy
+        self.bindings = bindings
         self.answers = BlockAnswers(policy)
         self.clients: dict[tuple[str, bytes | None], Client] = {}
         budget = policy.config.dns.cache_bytes // MEMO_SHARE
@@ -141,7 +148,7 @@ class PolicyMemo:
                 self.clients.clear()
                 self.memo_clients.clear()
             policy = self.policy
-            client = self.clients[key] = identify(policy, address, ecs)
+            client = self.clients[key] = identify(policy, address, ecs, self.bindings)
             if client.allowed and client.device not in policy.exemptions and not policy.is_trusted(address):
                 self.memo_clients[address] = client
         return client
@@ -166,6 +173,19 @@ class PolicyMemo:
         if decision is None:
             decision = self.decisions[key] = decide_categories(policy, client, qname, categories, now())
         return decision
+
+    def forget(self, network: Network) -> None:
+        """A binding for this address (or prefix) changed: identify its clients again."""
+        version, _value, prefix = network
+        if prefix != (32 if version == 4 else 128) or self.policy.config.dns.trusted_forwarders:
+            # A prefix, or clients known by ECS: cheaper to start afresh than to find every key.
+            self.clients.clear()
+            self.memo_clients.clear()
+            return
+        text = format_network(network)
+        for address in (text, "::ffff:" + text) if version == 4 else (text,):
+            self.clients.pop((address, None), None)
+            self.memo_clients.pop(address, None)
 
     def may_remember(self, address: str) -> bool:
         return address in self.memo_clients

@@ -296,11 +296,12 @@ def truncated(query: Query, response: bytes) -> bytes:
     return query.id + _HEADER.pack(flags, 1, 0, 0, arcount) + query.question + extra
 
 
-def upstream_query(query: Query, query_id: int) -> bytes:
-    """The query we send upstream: our ID, RD, the client's CD, its question, and an OPT with its DO."""
+def upstream_query(query: Query, query_id: int, question: bytes | None = None) -> bytes:
+    """The query we send upstream: our ID, RD, the client's CD, its question (or `question`, the same
+    with its case randomised), and an OPT with its DO."""
     flags = _FLAG_RD | (query.flags & _FLAG_CD)
     return (struct.pack("!HHHHHH", query_id, flags, 1, 0, 0, 1)
-            + query.question + (OPT_DO if query.do else OPT_PLAIN))
+            + (query.question if question is None else question) + (OPT_DO if query.do else OPT_PLAIN))
 
 
 # --- upstream answers ------------------------------------------------------------------------

@@ -31,7 +31,9 @@ FIRST_BUCKET = TIME_BUCKETS[0]
 RELOAD_RESULTS = ("success", "failure")
 TRANSPORTS = ("udp", "tcp")
 ACTIONS = tuple(Action)
-UPSTREAM_RESULTS = ("ok", "servfail", "refused", "timeout", "error", "truncated")
+UPSTREAM_RESULTS = ("ok", "servfail", "refused", "timeout", "error", "truncated", "malformed", "case_mismatch",
+                    "gave_way")
+RATE_LIMIT_ACTIONS = ("refused", "drop")
 # Why a TCP connection was refused or dropped early: at the per-client limit, every slot busy, shed
 # because idle when a new one came, a client that did not take its answers in time, or the one
 # holding the most answers when too many wait to be written.
@@ -88,6 +90,11 @@ class Stats:
         self.tcp_connections = 0
         self.tcp_closed = dict.fromkeys(TCP_CLOSE_REASONS, 0)
         self.internal_errors = 0
+        self.upstream_unwanted = [0]  # a cell: exchange.py adds to it
+        self.stale_answers = 0
+        self.rate_limited = {action: 0 for action in RATE_LIMIT_ACTIONS}
+        self.client_limited = 0
+        self.unidentified_vpn = 0  # queries from inside identity.vpn_networks with no binding and no device
         self.last_reload_error: tuple[str, int, str] | None = None  # (file, line, message) while failing
         for transport in TRANSPORTS:
             for action in ACTIONS:
@@ -248,6 +255,18 @@ def dns_families(stats: Stats) -> Iterator[object]:
     yield family
     yield _counter("blocker_dns_internal_errors", "Queries answered SERVFAIL because handling them raised an error.",
                    stats.internal_errors)
+    yield _counter("blocker_dns_stale_answers", "Expired answers served because every upstream failed.",
+                   stats.stale_answers)
+    family = CounterMetricFamily("blocker_dns_rate_limited", "Queries over their client's rate limit, by what "
+                                 "was done with them.", labels=["action"])
+    for action, value in stats.rate_limited.copy().items():
+        family.add_metric([action], value)
+    yield family
+    yield _counter("blocker_dns_client_limited", "Misses answered SERVFAIL because their client already had its "
+                   "cap of queries waiting upstream.", stats.client_limited)
+    yield _counter("blocker_dns_unidentified_vpn_queries",
+                   "Queries from inside identity.vpn_networks that no binding and no inventory device identified.",
+                   stats.unidentified_vpn)
     histogram = HistogramMetricFamily("blocker_dns_request_duration_seconds",
                                       "Time from receiving a query to sending its answer.")
     histogram.add_metric([], stats.duration.buckets(), stats.duration.sum)
@@ -261,6 +280,9 @@ def upstream_families(stats: Stats) -> Iterator[object]:
     for (name, result), value in stats.upstream_results.copy().items():
         family.add_metric([name, result], value)
     yield family
+    yield _counter("blocker_upstream_unwanted_replies",
+                   "Replies on an upstream query's port with the wrong ID or question (ignored).",
+                   stats.upstream_unwanted[0])
     histogram = HistogramMetricFamily("blocker_upstream_request_duration_seconds",
                                       "Time an upstream took to answer (or to time out).", labels=["upstream"])
     for name, hist in stats.upstream_duration.copy().items():
@@ -328,9 +350,11 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return family
 
 
-def make_registry(stats: Stats, gauges: Gauges) -> CollectorRegistry:
+def make_registry(stats: Stats, gauges: Gauges, *extra: Collector) -> CollectorRegistry:
     """A registry of blocker's own metrics plus the standard `process_*` ones (memory, CPU, fds)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BlockerCollector(stats, gauges))
+    for collector in extra:
+        registry.register(collector)
     ProcessCollector(registry=registry)
     return registry

@@ -34,6 +34,7 @@ from blocker.clock import Clock
 from blocker.domains import InvalidName, normalize
 from blocker.errors import ConfigError
 from blocker.httpd import OpsServer
+from blocker.identity import IdentityService
 from blocker.logs import setup_logging
 from blocker.message import read_question
 from blocker.metrics import Stats
@@ -76,6 +77,7 @@ class BlockerAddon:
         self.clock = Clock()
         self._refused: dict[str, Decision] = {}  # client connection id -> why its TLS is to be failed
         self._watcher: asyncio.Task[None] | None = None
+        self.identity: IdentityService | None = None
         self._ops: OpsServer | None = None
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -140,6 +142,12 @@ class BlockerAddon:
         loop = asyncio.get_running_loop()
         if self.source is not None:
             self._watcher = loop.create_task(self.source.watch())
+        if self.policy is not None and IdentityService.wanted(self.policy.config.identity) and self.identity is None:
+            # The same bindings as the resolver: mirrored from the store, or followed in its snapshot file.
+            self.identity = IdentityService(self.policy.config.identity, self.clock.time, mirror=True)
+            task = loop.create_task(self.identity.start())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform/loop
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
         listen = ctx.options.blocker_metrics
@@ -163,6 +171,9 @@ class BlockerAddon:
     def done(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        if self.identity is not None:
+            for task in self.identity._tasks:
+                task.cancel()
         if self.source is not None:
             self.source.close()
         if self._ops is not None:
@@ -176,11 +187,11 @@ class BlockerAddon:
         """The client by its proxy-auth username (a device id), else by source address."""
         policy = self._policy()
         address = str(client.peername[0]) if client.peername else ""
-        by_address = identify(policy, address)
+        by_address = identify(policy, address, bindings=self.identity.table if self.identity else None)
         # With proxyauth=any, anyone may claim any device id: user names are then not identity.
         if username and username in policy.devices and ctx.options.proxyauth != "any":
             device = policy.devices[username]
-            return Client(address, device.id, device.group, by_address.allowed)
+            return Client(address, device.id, device.group, by_address.allowed, "proxyauth", device)
         return by_address
 
     def _policy(self) -> Policy:

@@ -8,7 +8,6 @@ and line for `blocker check`. No DNS wire format and no I/O on the decision path
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 from dataclasses import dataclass, replace
@@ -17,10 +16,11 @@ from enum import StrEnum
 from pathlib import Path
 
 from blocker.blocklists import Blocklists, find_line, load_blocklists
-from blocker.clients import Client, NetworkTable
-from blocker.config import Config, Device, Exemption, IPNetwork
+from blocker.clients import Client
+from blocker.config import Config, Exemption, IPNetwork
 from blocker.domains import Match, is_valid_name, normalize
 from blocker.errors import ConfigError, Problem
+from blocker.inventory import AddressTable, Inventory, InventoryDevice, load_inventory, parse_address
 
 # Firefox's DoH canary and Apple's iCloud Private Relay: NXDOMAIN switches the bypass off.
 CANARY_NAMES = frozenset({"use-application-dns.net", "mask.icloud.com", "mask-h2.icloud.com"})
@@ -60,10 +60,11 @@ class Policy:
     version: str
     group_blocks: dict[str, frozenset[str]]
     group_order: dict[str, tuple[str, ...]]
-    devices: dict[str, Device]
-    device_table: NetworkTable[Device]
-    allow_table: NetworkTable[bool]
-    trusted_table: NetworkTable[bool]
+    devices: dict[str, InventoryDevice]  # the inventory's and policy.devices', by id
+    inventory: Inventory
+    allow_table: AddressTable[bool]
+    trusted_table: AddressTable[bool]
+    vpn_table: AddressTable[bool]
     exemptions: dict[str, tuple[Exemption, ...]]
     warnings: tuple[Problem, ...]
 
@@ -76,10 +77,8 @@ class Policy:
 
     def is_trusted(self, address: str) -> bool:
         """Whether a source is a trusted forwarder (its ECS option names the real client)."""
-        try:
-            return self.trusted_table.lookup(ipaddress.ip_address(address.split("%", 1)[0])) is not None
-        except ValueError:
-            return False
+        source = parse_address(address)
+        return source is not None and self.trusted_table.lookup(*source) is not None
 
     def explain(self, qname: str) -> Match:
         """The matching rule with its file and line (slow path: may read a list file)."""
@@ -108,10 +107,14 @@ def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
             if category not in known:
                 problems.append(Problem(exemption.file or source, exemption.line,
                                         f"exemption {exemption.reference} allows unknown category '{category}'"))
+    try:
+        inventory = load_inventory(config.policy.inventory, config.policy.groups, config.policy.devices, source)
+    except ConfigError as err:
+        problems.extend(err.problems)
     if problems:
         raise ConfigError(problems)
-    devices = {device.id: device for device in config.policy.devices}
-    warnings: list[Problem] = [*config.warnings, *lists.warnings]
+    devices = inventory.devices
+    warnings: list[Problem] = [*config.warnings, *lists.warnings, *inventory.warnings]
     exemptions: dict[str, list[Exemption]] = {}
     references: dict[str, Exemption] = {}
     for exemption in config.policy.exemptions:
@@ -124,9 +127,6 @@ def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
                                     f"exemption reference {exemption.reference} is used twice (first at "
                                     f"{first.file}:{first.line}): the commands cannot tell them apart"))
         exemptions.setdefault(exemption.device, []).append(exemption)
-    device_table = NetworkTable((network, device) for device in config.policy.devices
-                                for network in device.addresses)
-    warnings.extend(_device_warnings(config, device_table))
     blocked = {c for g in config.policy.groups.values() for c in g.block}
     for name, category in sorted(lists.categories.items()):
         if name not in blocked:
@@ -135,41 +135,24 @@ def compile_policy(config: Config, lists: Blocklists | None = None) -> Policy:
     return Policy(
         config=config,
         lists=lists,
-        version=policy_version(config, lists.files),
+        version=policy_version(config, lists.files + inventory.files),
         group_blocks={name: frozenset(g.block) for name, g in config.policy.groups.items()},
         group_order={name: g.block for name, g in config.policy.groups.items()},
         devices=devices,
-        device_table=device_table,
-        allow_table=NetworkTable((network, True) for network in config.dns.allow_networks),
-        trusted_table=NetworkTable((network, True) for network in config.dns.trusted_forwarders),
+        inventory=inventory,
+        allow_table=_table(config.dns.allow_networks),
+        trusted_table=_table(config.dns.trusted_forwarders),
+        vpn_table=_table(config.identity.vpn_networks),
         exemptions={device: tuple(sorted(items, key=lambda e: e.expires)) for device, items in exemptions.items()},
         warnings=tuple(warnings),
     )
 
 
-def _device_warnings(config: Config, table: NetworkTable[Device]) -> list[Problem]:
-    """Addresses given to two devices, or nested in another device's: at the device's line, naming both."""
-    source = config.source_name
-    owners: dict[IPNetwork, list[Device]] = {}
-    for device in config.policy.devices:
-        for network in device.addresses:
-            owners.setdefault(network, []).append(device)
-    out: list[Problem] = []
-    for network in table.duplicates:
-        holders = owners.get(network, [])
-        if len(holders) < 2 or holders[0].id == holders[1].id:
-            continue
-        first, second = holders[0], holders[1]
-        out.append(Problem(source, second.line, f"device '{second.id}': address {network} is also given to "
-                                                f"device '{first.id}' (line {first.line}), which keeps it"))
-    for outer, inner in table.overlaps():
-        wide = owners.get(outer, [None])[0]
-        narrow = owners.get(inner, [None])[0]
-        if wide is None or narrow is None or wide.id == narrow.id:
-            continue
-        out.append(Problem(source, narrow.line, f"device '{narrow.id}': address {inner} lies inside {outer} of "
-                                                f"device '{wide.id}' (line {wide.line}); the narrower wins"))
-    return out
+def _table(networks: tuple[IPNetwork, ...]) -> AddressTable[bool]:
+    table: AddressTable[bool] = AddressTable()
+    for network in networks:
+        table.add((network.version, int(network.network_address), network.prefixlen), True)
+    return table
 
 
 def policy_version(config: Config, files: tuple[Path, ...]) -> str:

@@ -186,20 +186,19 @@ def _resolve_lines(found: dict[RuleKey, tuple[str, int]]) -> dict[RuleKey, tuple
 
 def _devices(result: PolicyDiff, old: Policy, new: Policy) -> None:
     before, after = old.devices, new.devices
-    added = [{"id": d.id, "group": d.group, "addresses": [str(a) for a in d.addresses],
-              "file": new.config.source_name, "line": d.line} for k, d in sorted(after.items()) if k not in before]
-    removed = [{"id": d.id, "group": d.group, "addresses": [str(a) for a in d.addresses]}
+    was_at, now_at = old.inventory.addresses_by_device(), new.inventory.addresses_by_device()
+    added = [{"id": d.id, "group": d.group, "addresses": now_at.get(k, []), "file": d.file, "line": d.line}
+             for k, d in sorted(after.items()) if k not in before]
+    removed = [{"id": d.id, "group": d.group, "addresses": was_at.get(k, [])}
                for k, d in sorted(before.items()) if k not in after]
     moved: list[dict[str, object]] = []
     readdressed: list[dict[str, object]] = []
     for key in sorted(set(before) & set(after)):
         was, now = before[key], after[key]
         if was.group != now.group:
-            moved.append({"id": key, "from": was.group, "to": now.group, "file": new.config.source_name,
-                          "line": now.line})
-        if set(was.addresses) != set(now.addresses):
-            readdressed.append({"id": key, "from": [str(a) for a in was.addresses],
-                                "to": [str(a) for a in now.addresses], "file": new.config.source_name,
+            moved.append({"id": key, "from": was.group, "to": now.group, "file": now.file, "line": now.line})
+        if was_at.get(key, []) != now_at.get(key, []):
+            readdressed.append({"id": key, "from": was_at.get(key, []), "to": now_at.get(key, []), "file": now.file,
                                 "line": now.line})
     for name, items in (("added", added), ("removed", removed), ("moved", moved), ("readdressed", readdressed)):
         if items:

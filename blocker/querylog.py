@@ -20,6 +20,7 @@ import time
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import dnslib
 
@@ -32,8 +33,8 @@ RETRY_FIRST = 0.25  # seconds before the first retry after a failed write, doubl
 RETRY_MAX = 4.0
 _CHUNK = 1 << 20
 # (time, client address, device, name, qtype, action, categories, group, exemption reference,
-#  policy version, latency seconds, rcode)
-Entry = tuple[float, str, str | None, str, int, str, tuple[str, ...], str, str | None, str, float, int]
+#  policy version, latency seconds, rcode[, the client: its identity is formatted in the writer thread])
+Entry = tuple[Any, ...]
 
 
 class QueryLog:
@@ -183,11 +184,16 @@ class QueryLog:
 
 
 def format_entry(entry: Entry) -> str:
-    (when, address, device, name, qtype, action, categories, group, reference, version, latency, rcode) = entry
+    (when, address, device, name, qtype, action, categories, group, reference, version, latency, rcode) = entry[:12]
+    client = entry[12] if len(entry) > 12 else None  # type: ignore[misc]
+    origin = client.origin if client is not None else "default"
+    detail = client.detail if client is not None else ""
     record = {
         "time": datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "client": address,
         "device": device,
+        "identity": origin,  # binding (from RADIUS accounting), inventory, or default
+        "identity_source": detail or None,  # the gateway and since when, or the inventory FILE:LINE
         "name": name,
         "type": dnslib.QTYPE.get(qtype, f"TYPE{qtype}"),
         "action": action,

@@ -38,6 +38,8 @@ class Recorder:
         if action is Action.EXEMPTED and category is not None:
             self.stats.exempt(category)
         self.stats.answered(transport, action, category, group, time.perf_counter() - started)
+        if client is not None and client.unidentified_vpn:
+            self.stats.unidentified_vpn += 1
         if self.querylog is not None:
             self._log(address, client, qname, qtype, action, tuple(sorted(categories)), exemption, reply, started)
         return reply
@@ -63,6 +65,8 @@ class Recorder:
         hit.counter[0] += 1
         if hit.blocked_counter is not None:
             hit.blocked_counter[0] += 1
+        if client.unidentified_vpn:
+            self.stats.unidentified_vpn += 1
         elapsed = time.perf_counter() - started
         duration = self.stats.duration
         if elapsed <= FIRST_BUCKET:  # Histogram.observe, inlined: this is most queries
@@ -82,4 +86,4 @@ class Recorder:
             return
         querylog.put((self.clock.time(), address, client.device if client else None, qname, qtype, action, categories,
                       client.group if client else "", exemption, self.version,
-                      time.perf_counter() - started, reply[3] & 0xF))
+                      time.perf_counter() - started, reply[3] & 0xF, client))

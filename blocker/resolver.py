@@ -11,6 +11,9 @@ The order of the steps, and why:
 3. decide: above the cache, because a decision is per client and the cache is shared.
 4. cache: holds upstream answers only, so a reload never needs to flush it.
 5. forward: the only step doing network I/O (single-flight and the cap live in upstream.py).
+   A client over its rate limit is refused (or dropped) before step 0, and one with too many
+   queries already waiting upstream gets SERVFAIL instead of a new one (ratelimit.py). When every
+   upstream fails, an expired answer is served stale (RFC 8767) rather than SERVFAIL.
 6. CNAME check: after the answer, whether it came from cache or upstream.
 7. record: every outcome, errors included, counted once (recorder.py).
 
@@ -25,6 +28,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from blocker.bindings import Binding, BindingTable
 from blocker.cache import AnswerCache, CacheEntry
 from blocker.clients import Client
 from blocker.clock import Clock
@@ -45,12 +49,15 @@ from blocker.message import (
     truncated,
 )
 from blocker.policy import Action, Decision, Policy, decide_categories
+from blocker.ratelimit import Outstanding, RateLimiter
 from blocker.recorder import Recorder
 from blocker.upstream import Upstreams
 
 log = logging.getLogger("blocker")
 
 TCP_MAX = 65535
+STALE_TTL = 30  # RFC 8767 §4: the TTL of a stale answer, and how long to serve it before asking again
+_STALE_LIMIT = 200_000
 
 Reply = bytes | Coroutine[Any, Any, bytes | None] | None
 
@@ -59,14 +66,26 @@ class Resolver:
     """Answers queries under the current policy; shared by the UDP and TCP listeners."""
 
     def __init__(self, policy: Policy, cache: AnswerCache, upstreams: Upstreams, recorder: Recorder,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, bindings: BindingTable | None = None) -> None:
         self.cache = cache
+        self.bindings = bindings
         self.upstreams = upstreams
         self.recorder = recorder
         self.stats = recorder.stats  # for the listeners' own counters (TCP connections)
         self.clock = clock or recorder.clock
-        self.memo = PolicyMemo(policy)
+        self.memo = PolicyMemo(policy, bindings)
         recorder.version = policy.version
+        self.limiter: RateLimiter | None = None
+        self.outstanding = Outstanding(0)
+        # Cache keys served stale lately -> until when they are served stale without asking again.
+        self._stale_until: dict[bytes, float] = {}
+        self._configure_limits(policy)
+        if bindings is not None:
+            bindings.listeners.append(self.binding_changed)
+
+    def binding_changed(self, op: str, binding: Binding, local: bool) -> None:
+        """A listener of the binding table: the memo must not keep the old identity of that address."""
+        self.memo.forget(binding.network)
 
     @property
     def policy(self) -> Policy:
@@ -74,8 +93,38 @@ class Resolver:
 
     def swap(self, policy: Policy) -> None:
         """Install a new policy; queries already past `identify` finish on the old one."""
-        self.memo = PolicyMemo(policy)
+        self.memo = PolicyMemo(policy, self.bindings)
         self.recorder.version = policy.version
+        self._configure_limits(policy)
+
+    def _configure_limits(self, policy: Policy) -> None:
+        dns = policy.config.dns
+        self.outstanding.limit = dns.max_outstanding_per_client
+        limit = dns.rate_limit
+        if limit.qps <= 0:
+            self.limiter = None
+        elif self.limiter is None or (self.limiter.qps, self.limiter.burst) != (limit.qps, limit.burst):
+            self.limiter = RateLimiter(limit.qps, limit.burst, self.clock.monotonic)
+        self._drop_limited = limit.action == "drop"
+        self._unlimited: set[str] = set()  # trusted forwarders seen over the limit: exempt
+
+    def _limited(self, data: bytes, address: str, transport: str, started: float) -> bytes | bool | None:
+        """The answer to a query over its client's rate limit; False when the client is exempt."""
+        if address in self._unlimited:
+            return False
+        if self.policy.is_trusted(address):
+            self._unlimited.add(address)
+            return False
+        if self._drop_limited:
+            self.stats.rate_limited["drop"] += 1
+            return None
+        self.stats.rate_limited["refused"] += 1
+        try:
+            query = read_question(data)
+        except (WireError, NotImplementedError, BadVersion):
+            return None
+        request = _Request(data, query, address, transport, started, self.memo)
+        return self._done(request, self.memo.answers.rate_limited(query), Action.REFUSED)
 
     def handle(self, data: bytes, address: str, transport: str) -> Reply:
         """The answer to one packet: bytes now, None to drop, or a coroutine that forwards it."""
@@ -90,6 +139,11 @@ class Resolver:
             return error_answer(data, RCODE_SERVFAIL)
 
     def _handle(self, data: bytes, address: str, transport: str, started: float) -> Reply:
+        limiter = self.limiter
+        if limiter is not None and not limiter.allow(address):
+            limited = self._limited(data, address, transport, started)
+            if limited is not False:
+                return limited  # type: ignore[return-value]
         memo = self.memo
         found = memo.lookup(data, address, transport, self.clock.monotonic)
         if found is not None:
@@ -148,8 +202,16 @@ class Resolver:
         entry = self.cache.get(query.cache_key, now)
         if entry is not None:
             return self._respond(request, entry, now)
+        if self._stale_until and self._stale_until.get(query.cache_key, 0.0) > now:
+            entry = self.cache.get_stale(query.cache_key, now)
+            if entry is not None:
+                self.stats.stale_answers += 1
+                return self._respond(request, entry, now, stale=True)
         if self.upstreams.busy:
             return self._done(request, memo.answers.no_upstream(query), Action.ERROR)
+        if not self.outstanding.acquire(client.device or request.address):
+            self.stats.client_limited += 1
+            return self._done(request, memo.answers.client_busy(query), Action.ERROR)
         return self._forward(request)
 
     def _remember(self, request: _Request, reply: bytes, action: Action, category: str | None,
@@ -182,11 +244,22 @@ class Resolver:
             log.exception("error while forwarding a query for %s", query.qname)
             self.recorder.internal_error()  # then answered SERVFAIL, as when no upstream answers
             wire = None
+        finally:
+            self.outstanding.release(request.client.device or request.address)  # type: ignore[union-attr]
         try:
             answers = request.memo.answers
+            now = self.clock.monotonic()
+            if wire is None or wire[3] & 0xF == RCODE_SERVFAIL:
+                stale = self.cache.get_stale(query.cache_key, now)
+                if stale is not None:
+                    # RFC 8767: an expired answer beats SERVFAIL, and the failure is not cached over it.
+                    self.stats.stale_answers += 1
+                    if len(self._stale_until) >= _STALE_LIMIT:
+                        self._stale_until.clear()
+                    self._stale_until[query.cache_key] = now + STALE_TTL
+                    return self._respond(request, stale, now, stale=True)
             if wire is None:
                 return self._done(request, answers.no_upstream(query), Action.ERROR)
-            now = self.clock.monotonic()
             try:
                 scan = scan_response(wire)
             except WireError:
@@ -196,7 +269,17 @@ class Resolver:
         except Exception:
             return self._internal_error(request)
 
-    def _respond(self, request: _Request, entry: CacheEntry, now: float) -> bytes:
+    def _render_stale(self, request: _Request, entry: CacheEntry) -> bytes:
+        """A stale answer: every TTL 30, and (for EDNS clients) our own OPT carrying EDE 3."""
+        query = request.query
+        wire = entry.render_stale(STALE_TTL)
+        if not query.edns:
+            return wire
+        opt = request.memo.answers.stale_opt[1 if query.do else 0]
+        arcount = int.from_bytes(wire[10:12], "big") + 1
+        return wire[:10] + arcount.to_bytes(2, "big") + wire[12:] + opt
+
+    def _respond(self, request: _Request, entry: CacheEntry, now: float, stale: bool = False) -> bytes:
         query, client, decision = request.query, request.client, request.decision
         assert client is not None
         if entry.targets:
@@ -205,7 +288,10 @@ class Resolver:
                 # Not memoised: whether the chain is blocked is known only with the cache entry.
                 return self._blocked(request, blocked, remember=False)
         exempted = decision is not None and decision.action is Action.EXEMPTED
-        rendered = entry.render(now, query.edns, decision.expires_in if exempted else None)  # type: ignore[union-attr]
+        if stale:
+            rendered = self._render_stale(request, entry)
+        else:
+            rendered = entry.render(now, query.edns, decision.expires_in if exempted else None)  # type: ignore[union-attr]
         # Our client's ID and its question exactly as it spelled it (0x20 case preserved).
         qlen = len(query.question)
         reply = query.id + rendered[2:12] + query.question + rendered[12 + qlen:]

@@ -11,7 +11,9 @@ million-rule index.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from blocker.policy import Policy, load_policy
 log = logging.getLogger("blocker")
 
 POLL_SECONDS = 1.0
+LOAD_SWITCH_INTERVAL = 0.0002  # seconds (default 0.005)
 Signature = tuple[object, ...]
 
 
@@ -83,6 +86,16 @@ class PolicySource:
         before = file_signature(old, self.config_path, known, listing)
         reuse = old.lists if before[0] == self._signature[0] else None
         loop = asyncio.get_running_loop()
+        # The load holds the GIL in slices of the switch interval; the listeners wait for the GIL
+        # after every socket call, so while loading, slices are kept short enough for them to keep up.
+        # A full collection walks every object of both policies while holding the GIL (seconds at
+        # fleet size): none runs during the load, and the loaded policy is frozen before collection
+        # resumes (gc.freeze), so it is never walked. Both policies are acyclic: refcounting frees the old.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
+        collecting = gc.isenabled()
+        gc.collect(1)  # the young generations (cheap), so little cyclic garbage is frozen with the policy
+        gc.disable()
         try:
             policy = await loop.run_in_executor(None, _load, self.config_path, reuse)
         except Exception as err:  # ConfigError, or a bug: either way the running policy stays
@@ -90,6 +103,10 @@ class PolicySource:
                 self._signature = before
                 self._on_rejected(err, why)
             return False
+        finally:
+            sys.setswitchinterval(interval)
+            if collecting:
+                gc.enable()
         if self._closed:
             return False
         self.policy = policy
@@ -115,7 +132,9 @@ class PolicySource:
 
 
 def _load(config_path: Path | None, lists: Blocklists | None) -> Policy:
-    return load_policy(config_path, lists)
+    policy = load_policy(config_path, lists)
+    gc.freeze()
+    return policy
 
 
 def _stat(path: Path) -> object:
@@ -145,6 +164,7 @@ def _own_files(policy: Policy, config_path: Path | None) -> list[Path]:
     paths = [source] if source is not None else []
     if policy.config.policy.exemptions_file is not None:
         paths.append(policy.config.policy.exemptions_file)
+    paths.extend(policy.inventory.files)
     return paths
 
 

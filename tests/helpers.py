@@ -298,3 +298,46 @@ def edes(response: dns.message.Message) -> list[tuple[int, str]]:
 
 def rcode_text(response: dns.message.Message) -> str:
     return dns.rcode.to_text(response.rcode())
+
+
+class FaultyUpstream:
+    """tests/faulty_upstream.py as a subprocess: a real UDP/TCP DNS server that misbehaves on purpose."""
+
+    def __init__(self, mode: str = "ok", address: str = "192.0.2.1", ttl: int = 300, delay: float = 0.5,
+                 port: int | None = None, blackhole_zone: str = "") -> None:
+        self.port = port or free_port()
+        script = Path(__file__).resolve().parent / "faulty_upstream.py"
+        self.process = subprocess.Popen(
+            [sys.executable, str(script), "--port", str(self.port), "--mode", mode, "--address", address,
+             "--ttl", str(ttl), "--delay", str(delay), "--blackhole-zone", blackhole_zone],
+            stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("ready"):
+            self.process.kill()
+            raise AssertionError(f"faulty upstream did not start: {line!r}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _control(self, name: str) -> str:
+        query = dns.message.make_query(f"{name}.faulty.control", "TXT", "CH")
+        response = dns.query.udp(query, "127.0.0.1", port=self.port, timeout=2)
+        return b"".join(response.answer[0][0].strings).decode()
+
+    def set_mode(self, mode: str) -> None:
+        assert self._control(f"mode.{mode}") == "ok"
+
+    def count(self) -> int:
+        """How many ordinary queries it has received so far."""
+        return int(self._control("count"))
+
+    def names(self) -> list[str]:
+        """The last question names it received, exactly as spelled."""
+        return self._control("names").split()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)

@@ -134,7 +134,10 @@ def test_kubernetes_resources_fit_together(rendered: list[dict[str, object]]) ->
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert all("subPath" not in mount for mount in container["volumeMounts"])  # subPath mounts never update
     ports = {(p["port"], p["protocol"]) for p in service["spec"]["ports"]}
-    assert {(53, "UDP"), (53, "TCP")} <= ports
+    assert {(53, "UDP"), (53, "TCP"), (1813, "UDP")} <= ports
+    # The handset's source address must reach the pod: kube-proxy's default (Cluster) SNATs it away.
+    assert service["spec"]["externalTrafficPolicy"] == "Local"
+    assert service["spec"]["type"] in ("LoadBalancer", "NodePort")
     labels = service["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
@@ -142,7 +145,10 @@ def test_kubernetes_resources_fit_together(rendered: list[dict[str, object]]) ->
     assert {p["protocol"] for p in ingress[0]["ports"]} == {"UDP", "TCP"}
     assert ingress[1]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     by_name = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "ConfigMap"}  # type: ignore[index]
-    assert set(by_name) == {"blocker-config", "blocker-lists"}  # fixed names: updated in place, reloaded live
+    # Fixed names: updated in place, reloaded live; the inventory apart (30,000+ devices need their own 1 MiB).
+    assert set(by_name) == {"blocker-config", "blocker-lists", "blocker-inventory"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["inventory"] == "/etc/blocker/inventory"
 
 
 def test_kubernetes_configmaps_hold_every_list_and_validate(rendered: list[dict[str, object]],
@@ -150,7 +156,7 @@ def test_kubernetes_configmaps_hold_every_list_and_validate(rendered: list[dict[
     maps = {d["metadata"]["name"]: d["data"] for d in rendered if d["kind"] == "ConfigMap"}  # type: ignore[index]
     assert set(maps["blocker-lists"]) == {p.name for p in (ROOT / "blocklists").glob("*.yaml")}
     # Lay the ConfigMaps out as the Deployment mounts them, and validate.
-    for name, folder in (("blocker-config", "config"), ("blocker-lists", "lists")):
+    for name, folder in (("blocker-config", "config"), ("blocker-lists", "lists"), ("blocker-inventory", "inventory")):
         directory = tmp_path / "etc" / "blocker" / folder
         directory.mkdir(parents=True)
         for file, content in maps[name].items():  # type: ignore[attr-defined]
@@ -176,15 +182,28 @@ def test_kubernetes_ports_and_addresses_agree_with_the_config(rendered: list[dic
     [dns_port] = {endpoint_port(e) for e in config["dns"]["listen"]}
     metrics_port = endpoint_port(config["metrics"]["listen"])
     assert 1024 <= dns_port != 5353
+    radius = config["identity"]["radius_accounting"]
+    radius_port = endpoint_port(radius["listen"])
     assert container_ports == {"dns-udp": (dns_port, "UDP"), "dns-tcp": (dns_port, "TCP"),
-                               "metrics": (metrics_port, "TCP")}
+                               "radius-acct": (radius_port, "UDP"), "metrics": (metrics_port, "TCP")}
     by_target = {p["targetPort"]: (p["port"], p["protocol"]) for p in service["spec"]["ports"]}
-    assert by_target == {"dns-udp": (53, "UDP"), "dns-tcp": (53, "TCP"), "metrics": (metrics_port, "TCP")}
-    dns_in, metrics_in = policy["spec"]["ingress"]
+    assert by_target == {"dns-udp": (53, "UDP"), "dns-tcp": (53, "TCP"), "radius-acct": (1813, "UDP"),
+                         "metrics": (metrics_port, "TCP")}
+    dns_in, metrics_in, radius_in = policy["spec"]["ingress"]
     assert {(p["port"], p["protocol"]) for p in dns_in["ports"]} == {(dns_port, "UDP"), (dns_port, "TCP")}
     assert {f["ipBlock"]["cidr"] for f in dns_in["from"]} == set(config["dns"]["allow_networks"])
     assert {(p["port"], p["protocol"]) for p in metrics_in["ports"]} == {(metrics_port, "TCP")}
-    [egress] = policy["spec"]["egress"]
+    # Accounting only from the gateways the config accepts it from.
+    assert {(p["port"], p["protocol"]) for p in radius_in["ports"]} == {(radius_port, "UDP")}
+    assert {f["ipBlock"]["cidr"] for f in radius_in["from"]} == set(radius["clients"])
+    egress, store_egress = policy["spec"]["egress"]
+    [store_pods] = store_egress["to"]
+    labels = store_pods["podSelector"]["matchLabels"]
+    assert labels["app.kubernetes.io/component"] == "binding-store"
+    # The optional store's pods (deploy/kubernetes/optional/valkey.yaml) carry every label the selector asks.
+    valkey = next(yaml.safe_load_all((DEPLOY / "kubernetes" / "optional" / "valkey.yaml").read_text()))
+    assert labels.items() <= valkey["spec"]["template"]["metadata"]["labels"].items()
+    assert config["identity"]["store"]["url"].endswith(f":{store_egress['ports'][0]['port']}/0")
     allowed = [ipaddress.ip_network(t["ipBlock"]["cidr"]) for t in egress["to"]]
     upstreams = [ipaddress.ip_address(e.rsplit(":", 1)[0].strip("[]")) for e in config["dns"]["upstreams"]]
     assert all(any(u in n for n in allowed) for u in upstreams), (upstreams, allowed)

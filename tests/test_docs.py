@@ -93,7 +93,7 @@ def test_the_example_config_validates() -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "docs/../blocklists/tiktok.yaml: category tiktok:" in result.stdout  # the repository's lists
-    assert re.search(r"^OK: policy \w+ from docs/blocker.example.yaml: 10 categories, \d+ rules, 2 devices, "
+    assert re.search(r"^OK: policy \w+ from docs/blocker.example.yaml: 10 categories, \d+ rules, 4 devices, "
                      r"2 exemptions$", result.stdout, re.M), result.stdout
     assert "unknown device" not in result.stdout and "overlap" not in result.stdout
 
@@ -122,6 +122,8 @@ def rendered(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, config_module.BlockResponse):
         return value.kind
+    if isinstance(value, config_module.RateLimit):
+        return "off" if value.qps <= 0 else f"{{qps: {value.qps:g}, burst: {value.burst:g}, action: {value.action}}}"
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int) and isinstance(value[0], str):
         host = f"[{value[0]}]" if ":" in value[0] else value[0]
         return f'"{host}:{value[1]}"'

@@ -112,7 +112,7 @@ def test_thirty_thousand_devices_index_by_prefix_length(tmp_path: Path) -> None:
     assert identify(policy, "10.200.9.9").device == "POOL"
     assert identify(policy, "10.202.0.1").device is None
     # A lookup probes one dictionary per distinct prefix length, however many devices there are.
-    assert policy.device_table.prefix_lengths(4) == [32, 24, 16]
+    assert policy.inventory.table.prefix_lengths(4) == [32, 24, 16]
 
 
 def test_validate_reports_overlapping_and_duplicate_device_addresses(tmp_path: Path) -> None:

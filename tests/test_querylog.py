@@ -29,8 +29,10 @@ def test_entries_are_written_as_json_lines(tmp_path: Path) -> None:
         records = eventually(lambda: lines(path), what="the entry written")
     finally:
         log.close()
+    # `identity`: where the device came from (binding, inventory, default); this entry carries no client.
     assert records == [{"time": "2027-01-15T08:00:00.250Z", "client": "10.8.0.23", "device": "MPS-000123",
-                        "name": "www.tiktok.com", "type": "A", "action": "blocked", "categories": ["tiktok"],
+                        "identity": "default", "identity_source": None, "name": "www.tiktok.com", "type": "A",
+                        "action": "blocked", "categories": ["tiktok"],
                         "group": "standard", "exemption": None, "policy": "0123456789", "latency_ms": 0.4,
                         "rcode": "NXDOMAIN"}]
     assert log.written == 1 and log.dropped == 0

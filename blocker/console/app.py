@@ -256,7 +256,7 @@ class Console:
         return self.render(
             request, "overview.html", policy=policy, reload=status, age=time.time() - status.loaded_at,
             categories=categories, groups=groups, devices=len(policy.devices),
-            bindings=sum(len(d.addresses) for d in policy.devices.values()), counts=counts,
+            bindings=policy.inventory.table.size, counts=counts,
             window_days=window.days, pending=pending, query_log=policy.config.query_log.path is not None)
 
     def explain(self, request: Request) -> Response:
