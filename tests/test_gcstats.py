@@ -4,7 +4,6 @@ full collection walks only what came since (in-process: this is the interpreter'
 from __future__ import annotations
 
 import gc
-import time
 
 from blocker.gcstats import GcPauses
 
@@ -14,14 +13,11 @@ def test_full_collections_are_timed_and_their_survivors_frozen() -> None:
     gc.unfreeze()
     try:
         survivors = [[i] for i in range(200_000)]  # tracked, long-lived: like cache and memo entries
-        started = time.perf_counter()
         gc.collect()
-        first = time.perf_counter() - started
+        # Frozen: the next full collection does not walk them again (how much faster that is, is
+        # for a benchmark to say, not a test on a shared machine).
         assert gc.get_freeze_count() >= len(survivors)
-        started = time.perf_counter()
         gc.collect()
-        second = time.perf_counter() - started
-        assert second < first / 2, (first, second)  # the frozen ones are not walked again
         counts = pauses.histograms[2].counts
         assert sum(counts) >= 2 and pauses.longest > 0
         families = {family.name: family for family in pauses.collect()}  # type: ignore[attr-defined]
