@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from blocker.bindings import BindingTable, SnapshotWriter, read_snapshot
 from blocker.config import IdentityConfig
+from blocker.metrics import counter, gauge
 from blocker.radius import PACKET_TYPES, RESULTS, AccountingStats, load_secret, start_listener
 
 log = logging.getLogger("blocker.identity")
@@ -122,11 +123,11 @@ class IdentityCollector(Collector):
     def collect(self) -> Iterator[object]:
         service = self.service
         table = service.table
-        yield _gauge("blocker_bindings_active", "address bindings learned from accounting, in force",
+        yield gauge("blocker_bindings_active", "address bindings learned from accounting, in force",
                      len(table))
-        yield _counter("blocker_bindings_expired_total", "bindings dropped because their interims stopped",
+        yield counter("blocker_bindings_expired_total", "bindings dropped because their interims stopped",
                        table.expired_total)
-        yield _counter("blocker_bindings_refused_total",
+        yield counter("blocker_bindings_refused_total",
                        "bindings not recorded because the table was at its cap", table.refused_total)
         packets = CounterMetricFamily("blocker_radius_accounting_packets_total",
                                       "RADIUS accounting packets by status type and result",
@@ -136,30 +137,20 @@ class IdentityCollector(Collector):
             for result in RESULTS:
                 packets.add_metric([kind, result], counts.get((kind, result), 0))
         yield packets
-        yield _gauge("blocker_radius_last_accounting_timestamp_seconds",
+        yield gauge("blocker_radius_last_accounting_timestamp_seconds",
                      "when the last authentic accounting packet arrived (0: never)", service.stats.last_ok)
-        yield _gauge("blocker_radius_enabled", "1 when the accounting listener runs",
+        yield gauge("blocker_radius_enabled", "1 when the accounting listener runs",
                      1 if service.radius_address else 0)
         if service.store is not None:
-            yield _gauge("blocker_binding_store_up", "1 while the shared binding store is connected and in sync",
+            yield gauge("blocker_binding_store_up", "1 while the shared binding store is connected and in sync",
                          1 if service.store.up else 0)
-            yield _counter("blocker_binding_store_errors_total", "connections to the binding store that failed",
+            yield counter("blocker_binding_store_errors_total", "connections to the binding store that failed",
                            service.store.errors_total)
         if service.snapshot is not None:
-            yield _counter("blocker_bindings_snapshot_failures_total", "snapshot writes that failed",
+            yield counter("blocker_bindings_snapshot_failures_total", "snapshot writes that failed",
                            service.snapshot.failures)
 
 
-def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation)
-    family.add_metric([], value)
-    return family
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, documentation)
-    family.add_metric([], value)
-    return family
 
 
 def bindings_for_check(config: IdentityConfig) -> tuple[BindingTable | None, str]:

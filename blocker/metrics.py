@@ -193,22 +193,22 @@ class BlockerCollector(Collector):
         stats = self.stats
         yield from dns_families(stats)
         entries, hits, misses, evictions = self.gauges.cache()
-        yield _counter("blocker_dns_cache_hits", "Answers served from the cache.", hits)
-        yield _counter("blocker_dns_cache_misses", "Lookups that found no live cache entry.", misses)
-        yield _counter("blocker_dns_cache_evictions", "Entries pushed out of the full cache.", evictions)
-        yield _gauge("blocker_dns_cache_entries", "Answers held in the cache.", entries)
+        yield counter("blocker_dns_cache_hits", "Answers served from the cache.", hits)
+        yield counter("blocker_dns_cache_misses", "Lookups that found no live cache entry.", misses)
+        yield counter("blocker_dns_cache_evictions", "Entries pushed out of the full cache.", evictions)
+        yield gauge("blocker_dns_cache_entries", "Answers held in the cache.", entries)
         yield from memory_families(self.gauges.memory())
-        yield _gauge("blocker_dns_tcp_connections", "Open client TCP connections.", stats.tcp_connections)
+        yield gauge("blocker_dns_tcp_connections", "Open client TCP connections.", stats.tcp_connections)
         family = CounterMetricFamily("blocker_dns_tcp_closed", "TCP connections refused or dropped to keep the "
                                      "server free for every client, by reason.", labels=["reason"])
         for reason, value in stats.tcp_closed.copy().items():
             family.add_metric([reason], value)
         yield family
         querylog = self.gauges.querylog()
-        yield _counter("blocker_querylog_written", "Query-log entries written.", querylog.written if querylog else 0)
-        yield _counter("blocker_querylog_dropped", "Query-log entries dropped because the writer fell behind.",
+        yield counter("blocker_querylog_written", "Query-log entries written.", querylog.written if querylog else 0)
+        yield counter("blocker_querylog_dropped", "Query-log entries dropped because the writer fell behind.",
                        querylog.dropped if querylog else 0)
-        yield _counter("blocker_querylog_errors", "Query-log writes that failed (full disk, lost file); retried.",
+        yield counter("blocker_querylog_errors", "Query-log writes that failed (full disk, lost file); retried.",
                        querylog.errors if querylog else 0)
         yield from upstream_families(stats)
         yield from reload_families(stats)
@@ -222,13 +222,13 @@ def memory_families(memory: MemoryCounts | None) -> Iterator[object]:
     """Bytes held by the answer cache and the memo, their bounds, and answers too large to cache."""
     if memory is None:
         return
-    yield _gauge("blocker_dns_cache_bytes", "Bytes the answer cache holds (answers, keys, bookkeeping).",
+    yield gauge("blocker_dns_cache_bytes", "Bytes the answer cache holds (answers, keys, bookkeeping).",
                  memory.cache_bytes)
-    yield _gauge("blocker_dns_cache_max_bytes", "The answer cache's bound in bytes.", memory.cache_max_bytes)
-    yield _counter("blocker_dns_cache_too_large", "Answers not cached because they exceed the per-entry cap.",
+    yield gauge("blocker_dns_cache_max_bytes", "The answer cache's bound in bytes.", memory.cache_max_bytes)
+    yield counter("blocker_dns_cache_too_large", "Answers not cached because they exceed the per-entry cap.",
                    memory.cache_too_large)
-    yield _gauge("blocker_dns_memo_bytes", "Bytes the answer memo holds for the running policy.", memory.memo_bytes)
-    yield _gauge("blocker_dns_memo_max_bytes", "The answer memo's bound in bytes.", memory.memo_max_bytes)
+    yield gauge("blocker_dns_memo_bytes", "Bytes the answer memo holds for the running policy.", memory.memo_bytes)
+    yield gauge("blocker_dns_memo_max_bytes", "The answer memo's bound in bytes.", memory.memo_max_bytes)
 
 
 def dns_families(stats: Stats) -> Iterator[object]:
@@ -253,18 +253,18 @@ def dns_families(stats: Stats) -> Iterator[object]:
     for transport, value in stats.malformed.copy().items():
         family.add_metric([transport], value)
     yield family
-    yield _counter("blocker_dns_internal_errors", "Queries answered SERVFAIL because handling them raised an error.",
+    yield counter("blocker_dns_internal_errors", "Queries answered SERVFAIL because handling them raised an error.",
                    stats.internal_errors)
-    yield _counter("blocker_dns_stale_answers", "Expired answers served because every upstream failed.",
+    yield counter("blocker_dns_stale_answers", "Expired answers served because every upstream failed.",
                    stats.stale_answers)
     family = CounterMetricFamily("blocker_dns_rate_limited", "Queries over their client's rate limit, by what "
                                  "was done with them.", labels=["action"])
     for action, value in stats.rate_limited.copy().items():
         family.add_metric([action], value)
     yield family
-    yield _counter("blocker_dns_client_limited", "Misses answered SERVFAIL because their client already had its "
+    yield counter("blocker_dns_client_limited", "Misses answered SERVFAIL because their client already had its "
                    "cap of queries waiting upstream.", stats.client_limited)
-    yield _counter("blocker_dns_unidentified_vpn_queries",
+    yield counter("blocker_dns_unidentified_vpn_queries",
                    "Queries from inside identity.vpn_networks that no binding and no inventory device identified.",
                    stats.unidentified_vpn)
     histogram = HistogramMetricFamily("blocker_dns_request_duration_seconds",
@@ -280,7 +280,7 @@ def upstream_families(stats: Stats) -> Iterator[object]:
     for (name, result), value in stats.upstream_results.copy().items():
         family.add_metric([name, result], value)
     yield family
-    yield _counter("blocker_upstream_unwanted_replies",
+    yield counter("blocker_upstream_unwanted_replies",
                    "Replies on an upstream query's port with the wrong ID or question (ignored).",
                    stats.upstream_unwanted[0])
     histogram = HistogramMetricFamily("blocker_upstream_request_duration_seconds",
@@ -296,7 +296,7 @@ def reload_families(stats: Stats) -> Iterator[object]:
     for result, value in stats.reloads.copy().items():
         family.add_metric([result], value)
     yield family
-    yield _gauge("blocker_config_last_reload_success_timestamp_seconds",
+    yield gauge("blocker_config_last_reload_success_timestamp_seconds",
                  "When the running policy was loaded (Unix time).", stats.last_reload_success)
     error = stats.last_reload_error
     family = GaugeMetricFamily("blocker_config_last_reload_error",
@@ -329,22 +329,24 @@ def policy_families(policy: Policy) -> Iterator[object]:
     now = datetime.now(UTC)
     exemptions = [e for items in policy.exemptions.values() for e in items]
     active = [e for e in exemptions if e.active(now)]
-    yield _gauge("blocker_exemptions_active", "Exemptions in force now.", len(active))
+    yield gauge("blocker_exemptions_active", "Exemptions in force now.", len(active))
     soon = now + timedelta(days=policy.config.policy.expiry_warning_days)
-    yield _gauge("blocker_exemptions_expiring", "Exemptions in force now that expire within "
+    yield gauge("blocker_exemptions_expiring", "Exemptions in force now that expire within "
                  "policy.expiry_warning_days (default 14).",
                  sum(1 for e in active if e.expires <= soon))
-    yield _gauge("blocker_devices", "Devices in the running policy.", len(policy.devices))
+    yield gauge("blocker_devices", "Devices in the running policy.", len(policy.devices))
     yield policy_info(policy)
 
 
-def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+def counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    """One unlabelled counter family."""
     family = CounterMetricFamily(name, documentation)
     family.add_metric([], value)
     return family
 
 
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    """One unlabelled gauge family."""
     family = GaugeMetricFamily(name, documentation)
     family.add_metric([], value)
     return family
