@@ -67,6 +67,7 @@ class DnsConfig:
     tcp_max_connections: int = 1000
     tcp_max_per_client: int = 20
     tcp_write_timeout: float = 5.0
+    tcp_idle_timeout: float = 10.0  # RFC 7766 §6.2.3: seconds a client connection may sit idle
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +273,7 @@ _TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "au
 _DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_ttl", "cache_size",
              "trusted_forwarders", "upstream_timeout", "upstream_0x20", "serve_stale", "rate_limit",
              "max_outstanding_per_client", "cache_bytes", "tcp_max_connections", "tcp_max_per_client",
-             "tcp_write_timeout"}
+             "tcp_write_timeout", "tcp_idle_timeout"}
 _RATE_LIMIT_KEYS = {"qps", "burst", "action"}
 RATE_LIMIT_ACTIONS = ("refused", "drop")
 _POLICY_KEYS = {"default_group", "groups", "devices", "exemptions", "exemptions_file", "expiry_warning_days",
@@ -433,6 +434,9 @@ def _dns_bounds(read: Reader, fields: dict[str, yaml.Node], values: dict[str, ob
     if "tcp_write_timeout" in fields:
         timeout = read.number(fields["tcp_write_timeout"], "dns.tcp_write_timeout", 0.05)
         values["tcp_write_timeout"] = defaults.tcp_write_timeout if timeout is None else timeout
+    if "tcp_idle_timeout" in fields:
+        timeout = read.number(fields["tcp_idle_timeout"], "dns.tcp_idle_timeout", 0.05)
+        values["tcp_idle_timeout"] = defaults.tcp_idle_timeout if timeout is None else timeout
 
 
 _BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}

@@ -25,7 +25,6 @@ from blocker.resolver import Resolver
 
 log = logging.getLogger("blocker")
 
-TCP_IDLE_TIMEOUT = 10.0
 TCP_MAX_PIPELINE = 100  # queries one connection may have outstanding at once
 # The kernel's send buffer per client connection, fixed (no autotuning to megabytes): answers a
 # client does not read pile up in our buffer soon, where the write timeout sees them.
@@ -188,11 +187,12 @@ class TcpConnection:
         reader, address = self.reader, self.address
         try:
             while not self.stopping:
+                idle = self.listener.settings().tcp_idle_timeout  # read each time: it follows reloads
                 try:
-                    async with asyncio.timeout(TCP_IDLE_TIMEOUT) as self.waiting:
+                    async with asyncio.timeout(idle) as self.waiting:
                         prefix = await reader.readexactly(2)
                     self.waiting = None
-                    async with asyncio.timeout(TCP_IDLE_TIMEOUT):
+                    async with asyncio.timeout(idle):
                         data = await reader.readexactly(_LENGTH.unpack(prefix)[0])
                 except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError):
                     break
@@ -210,7 +210,7 @@ class TcpConnection:
                 if len(self.outstanding) >= TCP_MAX_PIPELINE:
                     await asyncio.wait(self.outstanding, return_when=asyncio.FIRST_COMPLETED)
             if self.outstanding:
-                await asyncio.wait(self.outstanding, timeout=TCP_IDLE_TIMEOUT)
+                await asyncio.wait(self.outstanding, timeout=self.listener.settings().tcp_idle_timeout)
         finally:
             # Answers still on their way are not cancelled (others may share their upstream query);
             # they find the connection closed and are dropped.
