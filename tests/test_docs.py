@@ -98,12 +98,17 @@ def test_the_example_config_validates() -> None:
     assert "unknown device" not in result.stdout and "overlap" not in result.stdout
 
 
+# Paths of the developers' own machines, which a user's clone does not have (spelt in pieces so
+# that this test itself does not name them).
+OUTSIDE = ("../" + "shared", "/" + "work/")
+
+
 def test_docs_and_deploy_files_stay_inside_the_repository() -> None:
     for folder in (DOCS, ROOT / "deploy"):
         for path in folder.rglob("*"):
             if path.is_file():
                 text = path.read_text(errors="replace")
-                assert "../shared" not in text and "/work/" not in text, path
+                assert not any(outside in text for outside in OUTSIDE), path
 
 
 def test_the_readme_points_at_the_reference() -> None:
