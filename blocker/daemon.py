@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from blocker.audit import ExemptionAudit
 from blocker.cache import AnswerCache, cache_share
 from blocker.clock import Clock
 from blocker.errors import ConfigError
-from blocker.gcstats import GcPauses
+from blocker.gcstats import GcPauses, settle
 from blocker.httpd import OpsServer
 from blocker.identity import IdentityCollector, IdentityService
 from blocker.logs import setup_logging
@@ -258,7 +257,6 @@ class Daemon:
                         "as they started)")
         self.stats.prepare(policy.group_order, policy.lists.categories)
         self.resolver.swap(policy)
-        settle_heap()
         self._configure_querylog(policy)
         self.stats.last_reload_error = None
         self.stats.reloaded(True)
@@ -275,14 +273,6 @@ def _spawn(coroutine: Coroutine[Any, Any, Any]) -> None:
     future = asyncio.ensure_future(coroutine)
     _background.add(future)
     future.add_done_callback(_background.discard)
-
-
-def settle_heap() -> None:
-    """After a policy load: collect what loading left behind, then move every object alive now out
-    of the collector's reach (gc.freeze). A full collection then no longer walks the lists: with a
-    million names that walk was a 44 ms pause on the event loop, every few hundred thousand queries."""
-    gc.collect()
-    gc.freeze()
 
 
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
@@ -307,7 +297,7 @@ def serve(config_path: Path | None) -> int:
     except ConfigError as err:
         log_problems("cannot start", err)
         return 2
-    settle_heap()
+    settle()  # the first load, frozen before anything is served (gcstats)
     runner = event_loop_runner()
     for warning in policy.warnings:
         log.warning("%s", warning)

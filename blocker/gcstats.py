@@ -1,11 +1,22 @@
-"""Garbage-collector pauses: timed with `gc.callbacks`, and kept short by freezing survivors.
+"""The garbage collector: the one strategy of the process, and the pauses it still makes (measured).
 
-A full collection stops the event loop for as long as it takes to walk every tracked object, and
-the answer cache and memo hold ~100,000 of them: measured under a unique-name flood, 38 full
-collections in 120 s took 13 s together, the longest 0.7 s. What survives a full collection is
-long-lived (cache and memo entries, the policy), so it is frozen (`gc.freeze`): the next full
-collections walk only what came since. Frozen objects are still freed by reference counting;
-only garbage cycles among them wait, for the thaw every THAW_SECONDS (one full walk then).
+A collection stops the event loop while it walks every tracked object it looks at. What lives long
+here is large: the policy (30,000 devices: ~500,000 objects), the lists' index, the answer cache
+and the memo. Measured: a full collection over a fleet-size policy 47-138 ms; 38 full collections
+in 120 s of a unique-name flood took 13 s together. So the collector walks only what is young:
+
+1. Frozen, not walked. What survives is moved out of the collector's reach (`gc.freeze`) at three
+   points only: at start before anything is served (`settle`: one full collection, then freeze);
+   at the end of every policy load, before the new policy is swapped in (`loading`); and after
+   each full collection the interpreter runs by itself (`GcPauses`, which also times them).
+2. A policy load runs with the collector off (`loading`, whatever thread builds it): its
+   objects all survive, so collecting during the build would only walk them again and again.
+   First the young generations are collected (cheap), so little garbage is frozen with it.
+3. No full collection on the event loop after a reload: the loaded policy is frozen instead.
+   A policy holds no reference cycles (tests/test_reload_gc.py), so the old one is freed by
+   reference counting once the last query using it is done, frozen or not.
+4. Frozen objects are freed by reference counting as usual; only garbage cycles among them wait,
+   for the thaw every THAW_SECONDS (then the next full collection walks everything once).
 
 Exported as `blocker_gc_pause_seconds{generation}` and `blocker_gc_pause_longest_seconds`.
 """
@@ -16,6 +27,7 @@ import gc
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -26,6 +38,30 @@ from blocker.metrics import Histogram
 THAW_SECONDS = 900.0
 # Troubleshooting switch (and the soak's A/B): BLOCKER_GC_FREEZE=0 times collections without freezing.
 FREEZE = os.environ.get("BLOCKER_GC_FREEZE", "1") != "0"
+
+
+def settle() -> None:
+    """At start, before anything is served: collect everything once, then freeze what is alive."""
+    gc.collect()
+    if FREEZE:
+        gc.freeze()
+
+
+@contextmanager
+def loading() -> Iterator[None]:
+    """Around one policy load: the young generations collected, then the collector off until the
+    load ends; what is alive when it succeeds (the new policy with it) is frozen before the collector
+    is on again. A failed load freezes nothing: its garbage (a traceback) is young and collected."""
+    collecting = gc.isenabled()
+    gc.collect(1)
+    gc.disable()
+    try:
+        yield
+        if FREEZE:
+            gc.freeze()
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class GcPauses(Collector):

@@ -11,7 +11,6 @@ million-rule index.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from blocker.blocklists import Blocklists
 from blocker.errors import ConfigError
+from blocker.gcstats import loading
 from blocker.policy import Policy, load_policy
 
 log = logging.getLogger("blocker")
@@ -47,7 +47,8 @@ class PolicySource:
     @staticmethod
     def load(config_path: Path | None) -> Policy:
         """The first load, synchronous (before anything serves); raises ConfigError."""
-        return load_policy(config_path)
+        with loading():
+            return load_policy(config_path)
 
     def changed(self) -> bool:
         """Whether any file of the policy changed since it was last read."""
@@ -88,16 +89,12 @@ class PolicySource:
         loop = asyncio.get_running_loop()
         # The load holds the GIL in slices of the switch interval; the listeners wait for the GIL
         # after every socket call, so while loading, slices are kept short enough for them to keep up.
-        # A full collection walks every object of both policies while holding the GIL (seconds at
-        # fleet size): none runs during the load, and the loaded policy is frozen before collection
-        # resumes (gc.freeze), so it is never walked. Both policies are acyclic: refcounting frees the old.
+        # The collector is off during the load and the new policy frozen at its end (gcstats).
         interval = sys.getswitchinterval()
         sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
-        collecting = gc.isenabled()
-        gc.collect(1)  # the young generations (cheap), so little cyclic garbage is frozen with the policy
-        gc.disable()
         try:
-            policy = await loop.run_in_executor(None, _load, self.config_path, reuse)
+            with loading():
+                policy = await loop.run_in_executor(None, load_policy, self.config_path, reuse)
         except Exception as err:  # ConfigError, or a bug: either way the running policy stays
             if not self._closed:
                 self._signature = before
@@ -105,8 +102,6 @@ class PolicySource:
             return False
         finally:
             sys.setswitchinterval(interval)
-            if collecting:
-                gc.enable()
         if self._closed:
             return False
         self.policy = policy
@@ -129,12 +124,6 @@ class PolicySource:
                     await self.reload("file change")
             except Exception:
                 log.exception("policy watch: error in one round (the next runs in %.0f s)", POLL_SECONDS)
-
-
-def _load(config_path: Path | None, lists: Blocklists | None) -> Policy:
-    policy = load_policy(config_path, lists)
-    gc.freeze()
-    return policy
 
 
 def _stat(path: Path) -> object:
