@@ -16,7 +16,7 @@ import yaml
 
 from blocker.cache import DEFAULT_BYTES as DEFAULT_CACHE_BYTES
 from blocker.errors import ConfigError, Problem
-from blocker.yamlfile import Collector, Reader, compose
+from blocker.yamlfile import Collector, Reader, compose, discard
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Endpoint = tuple[str, int]
@@ -320,6 +320,7 @@ def load_config(path: Path | None, texts: dict[Path, str] | None = None) -> Conf
     if config.console.enabled and config.audit.path is None:
         read.error(top.get("console"), "console.enabled needs audit.path: every console view, request and "
                                        "approval is written to the audit trail")
+    discard(root)
     if problems.problems:
         raise ConfigError(problems.problems)
     return config
@@ -731,7 +732,9 @@ def _exemptions_file(read: Reader, path: Path, where: yaml.Node, texts: dict[Pat
     own = Reader(str(path), read.problems)
     root = compose(path, read.problems, texts.get(path))
     fields = own.mapping(root, "exemptions file", {"exemptions"})
-    return _exemptions(own, fields.get("exemptions"), lines, "exemptions")
+    exemptions = _exemptions(own, fields.get("exemptions"), lines, "exemptions")
+    discard(root)
+    return exemptions
 
 
 def _devices(read: Reader, node: yaml.Node | None, groups: dict[str, Group],

@@ -22,7 +22,7 @@ import yaml
 
 from blocker.config import Device
 from blocker.errors import ConfigError, Problem
-from blocker.yamlfile import Collector, Reader, compose
+from blocker.yamlfile import Collector, Reader, compose, discard
 
 T = TypeVar("T")
 Network = tuple[int, int, int]  # (IP version, network as an integer, prefix length)
@@ -344,6 +344,7 @@ class _Loader:
                 items = read.mapping(root, "inventory", {"devices"}).get("devices")  # type: ignore[assignment]
             for item in read.sequence(items, "inventory devices"):
                 self._yaml_device(read, item)
+            discard(root)
         self.problems.extend(collector.problems)
 
     def _yaml_device(self, read: Reader, item: yaml.Node) -> None:

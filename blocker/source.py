@@ -19,7 +19,7 @@ from pathlib import Path
 
 from blocker.blocklists import Blocklists
 from blocker.errors import ConfigError
-from blocker.gcstats import loading
+from blocker.gcstats import loading, release
 from blocker.policy import Policy, load_policy
 
 log = logging.getLogger("blocker")
@@ -109,6 +109,10 @@ class PolicySource:
         self._signature = file_signature(policy, self.config_path, known,
                                          listing if policy.lists.folder == old.lists.folder else None)
         self._on_loaded(policy, why, (time.perf_counter() - started) * 1000)
+        # The old policy, freed at once here on the loop, would be a 25 ms pause at fleet size.
+        box = [old]
+        del old
+        await loop.run_in_executor(None, release, box)
         return True
 
     async def watch(self, tick: Callable[[], None] | None = None) -> None:

@@ -1,18 +1,22 @@
 """The exemption audit trail with an injected clock: starts, expiries, changes and revocations are
-recorded when they happen, and the daemon's once-a-second tick logs them without a reload."""
+recorded when they happen, and the daemon's once-a-second tick logs them without a reload. A tick
+looks at no exemption until one is due, and a reload of unchanged exemptions compares none; the
+real server records a start and an expiry at their times."""
 
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from conftest import short_exemption, standard_config
+from helpers import Blocker, Knot, eventually
 
 from blocker.audit import ExemptionAudit
+from blocker.audit_trail import read_events, verify
 from blocker.clock import ManualClock
 from blocker.config import Exemption
 from blocker.daemon import Daemon
@@ -81,3 +85,100 @@ def test_the_daemon_tick_logs_an_expiry_without_any_reload(tmp_path: Path,
     assert (event["event"], event["reference"], event["approved_by"]) == ("expiry", "CHG-SHORT",
                                                                           "Supt. A. Smith")
     daemon.upstreams.close()
+
+
+def fleet(count: int, step: float = 60) -> list[Exemption]:
+    """`count` grants on as many devices, each starting `step` seconds after the one before, and
+    expiring an hour after it starts."""
+    return [Exemption(f"MPS-{i}", ("whatsapp",), "Insp. J. Doe", f"CHG-{i}", "Operation",
+                      START + timedelta(seconds=step * (i + 1) + 3600), START + timedelta(seconds=step * (i + 1)),
+                      "blocker.yaml", 10 + i) for i in range(count)]
+
+
+def test_ticks_between_transitions_look_at_no_exemption_and_each_transition_at_one() -> None:
+    audit = ExemptionAudit()
+    audit.update(fleet(500), START, "v1")
+    audit.comparisons = 0
+    for second in range(1, 60):  # the first start is at +60 s
+        assert audit.tick(START + timedelta(seconds=second), "v1") == []
+    assert audit.comparisons == 0
+    started = audit.tick(START + timedelta(seconds=60), "v1")
+    assert kinds(started) == [("start", "CHG-0")] and audit.comparisons == 1
+    assert audit.tick(START + timedelta(seconds=61), "v1") == [] and audit.comparisons == 1
+    # A tick that comes late (the loop was busy) still records each start and expiry that came due.
+    late = audit.tick(START + timedelta(seconds=3600 + 60 + 1), "v1")
+    assert sorted(kinds(late)) == sorted([("expiry", "CHG-0")] + [("start", f"CHG-{i}") for i in range(1, 61)])
+    assert [e["state"] for e in late if e["reference"] == "CHG-0"] == ["expired"]
+
+
+def test_a_reload_of_the_same_exemptions_compares_none_and_an_edit_records_only_what_changed() -> None:
+    audit = ExemptionAudit()
+    audit.update(fleet(300), START, "v1")
+    audit.comparisons = 0
+    assert audit.update(fleet(300), START + timedelta(seconds=1), "v1") == []  # new objects, same fields
+    assert audit.comparisons == 0
+    edited = fleet(300)
+    edited[7] = replace(edited[7], reason="Operation extended")
+    events = audit.update(edited, START + timedelta(seconds=2), "v2")
+    assert kinds(events) == [("change", "CHG-7")] and events[0]["policy"] == "v2"
+    # Moving entries in the file changes nothing recorded, but the next event says where they are now.
+    moved = [replace(e, line=e.line + 100) for e in edited]
+    assert audit.update(moved, START + timedelta(seconds=3), "v2") == []
+    started = audit.tick(START + timedelta(seconds=60), "v2")
+    assert kinds(started) == [("start", "CHG-0")] and started[0]["line"] == 110
+
+
+def test_a_clock_stepped_back_is_compared_in_full() -> None:
+    audit = ExemptionAudit()
+    audit.update([grant(expires=60)], START, "v1")
+    assert kinds(audit.tick(START + timedelta(seconds=60), "v1")) == [("expiry", "CHG-1")]
+    # Back before the expiry (an NTP step): the grant is in force again, and that is recorded too.
+    assert kinds(audit.tick(START + timedelta(seconds=30), "v1")) == [("start", "CHG-1")]
+
+
+def test_a_trail_that_cannot_be_written_is_retried_on_the_next_tick(tmp_path: Path,
+                                                                    blocker_log: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "audit"
+    blocked.write_text("a file where the trail's folder should be\n")
+    audit = ExemptionAudit(blocked / "trail.jsonl")
+    with blocker_log.at_level(logging.ERROR, logger="blocker"):
+        assert audit.update([grant()], START, "v1") == []
+        assert audit.tick(START + timedelta(seconds=1), "v1") == []
+    assert "cannot record" in blocker_log.text
+    blocked.unlink()
+    written = audit.tick(START + timedelta(seconds=2), "v1")
+    assert kinds(written) == [("grant", "CHG-1")]
+    assert audit.tick(START + timedelta(seconds=3), "v1") == []
+    assert [e["event"] for e in read_events(blocked / "trail.jsonl")] == ["grant"]
+
+
+def test_the_real_server_records_a_start_and_an_expiry_at_their_times_without_a_reload(knot: Knot,
+                                                                                      tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    starts, expires = now + timedelta(seconds=4), now + timedelta(seconds=6)
+    trail = tmp_path / "trail.jsonl"
+    policy = f"""\
+        audit:
+          path: "{trail}"
+        policy:
+          devices:
+            - {{id: MPS-7, addresses: ["127.0.0.7"], group: standard}}
+          exemptions:
+            - {{device: MPS-7, allow: [whatsapp], approved_by: "Insp. J. Doe", reference: "CHG-7",
+               reason: "Test", starts: "{starts.isoformat()}", expires: "{expires.isoformat()}"}}
+        """
+    server = Blocker(standard_config(tmp_path, [knot.endpoint], policy=policy)).start()
+    try:
+        def recorded() -> list[tuple[object, datetime]]:
+            return [(e["event"], datetime.fromisoformat(str(e["time"]).replace("Z", "+00:00")))
+                    for e in read_events(trail)]
+
+        events = eventually(lambda: len(recorded()) == 3 and recorded(), timeout=12, what="start and expiry")
+        assert [kind for kind, _ in events] == ["grant", "start", "expiry"]
+        # Each at its time (the tick runs every second), not before, and not at some later reload.
+        assert starts <= events[1][1] < starts + timedelta(seconds=2.5)
+        assert expires <= events[2][1] < expires + timedelta(seconds=2.5)
+        assert verify(trail).ok
+    finally:
+        server.stop()
+    assert not any("reloaded" in line for line in server.lines)
