@@ -9,12 +9,13 @@ Rows (each bounded in time, loopback only):
             SERVFAIL among another client's misses
   stale     answers expire while every upstream is dead: stale answers served vs SERVFAIL
   reload    30,000 devices and 5,000 exemptions, 10 SIGHUPs one second apart under 2,000 q/s:
-            queries lost, p99 latency, and how long the reloads took
+            queries lost, p50/p99/longest latency, server CPU per query, and how long the reloads took
+  quiet     the reload row without SIGHUPs: its baseline
   cost      CPU cost of the spoof-resistant upstream path: q/s of blocker pinned to one core on the
             80/20 mix (cached allowed / blocked) and on misses only (every name new), for /work/main's
             code and this tree's, 0x20 on and off (`--main DIR` names the other tree)
 
-Usage: python3 bench/soak_upstream.py [--rows forgery,dead,fairness,stale]
+Usage: python3 bench/soak_upstream.py [--rows forgery,dead,fairness,stale,reload,quiet,cost]
 Needs root (raw socket for the spoofer), dnsperf and knotd.
 """
 
@@ -295,12 +296,15 @@ def fleet_config(directory: Path, upstream: str) -> Path:
     return path
 
 
-def row_reload(work: Path) -> str:
+def row_reload(work: Path, reloads: int = 10) -> str:
+    """`reloads` SIGHUPs one second apart under 2,000 q/s (0: the same load and policy, no reload:
+    the baseline the reloads are compared with)."""
     import signal
 
     knot = Knot(work / "knot", ["example.test"]).start()
     server = Blocker(fleet_config(work, knot.endpoint)).start(expect_ready=False)
     server.wait_for_log(r" ready ", timeout=120)  # the first load logs 5,000 audit events
+    assert server.process is not None
     try:
         names = ["www.tiktok.com", "www.example.test", "m.facebook.com", "nothing.example.test"] * 500
         box: dict[str, object] = {}
@@ -313,29 +317,38 @@ def row_reload(work: Path) -> str:
                                          "-Q", "2000", "-c", "4", "-q", "2000", "-t", "2", "-v"],
                                         capture_output=True, text=True, timeout=60).stdout
 
+        cpu_before = cpu_seconds(server.process.pid)
         runner = threading.Thread(target=load)
         runner.start()
         time.sleep(2)
         mark = len(server.lines)
-        for _ in range(10):
+        for _ in range(reloads):
             server.signal(signal.SIGHUP)
             time.sleep(1)
         runner.join(60)
+        cpu = cpu_seconds(server.process.pid) - cpu_before
         end = time.monotonic() + 30
-        while time.monotonic() < end and sum("reloaded" in line for line in server.lines[mark:]) < 1:
+        while reloads and time.monotonic() < end and sum("reloaded" in line for line in server.lines[mark:]) < 1:
             time.sleep(0.2)
-        reloads = [float(m) for line in server.lines[mark:] for m in re.findall(r"reloaded .* in (\d+) ms", line)]
+        durations = [float(m) for line in server.lines[mark:] for m in re.findall(r"reloaded .* in (\d+) ms", line)]
     finally:
         server.stop()
         knot.stop()
     out = str(box.get("out", ""))
     latencies = sorted(float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M))
-    p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan")
+    p50, p99 = (latencies[int(len(latencies) * q)] * 1000 if latencies else float("nan") for q in (0.5, 0.99))
+    longest = latencies[-1] * 1000 if latencies else float("nan")
     sent = re.search(r"Queries sent:\s+(\d+)", out)
     lost = re.search(r"Queries lost:\s+(\d+)", out)
-    return (f"reload: 10 SIGHUPs under 2,000 q/s with 30,000 devices and 5,000 exemptions: "
-            f"{lost.group(1) if lost else '?'} of {sent.group(1) if sent else '?'} queries lost, p99 {p99:.1f} ms; "
-            f"{len(reloads)} reloads ran (coalesced), taking {', '.join(f'{r:.0f}' for r in reloads)} ms")
+    # The server's CPU over the whole load (answers and reloads together), per answered query.
+    per_query = cpu / max(1, len(latencies)) * 1e6
+    head = (f"reload: {reloads} SIGHUPs under 2,000 q/s" if reloads
+            else "reload baseline: no SIGHUP, 2,000 q/s") + " with 30,000 devices and 5,000 exemptions: "
+    tail = (f"; {len(durations)} reloads ran (coalesced), taking {', '.join(f'{r:.0f}' for r in durations)} ms"
+            if reloads else "")
+    return (head + f"{lost.group(1) if lost else '?'} of {sent.group(1) if sent else '?'} queries lost, "
+            f"p50 {p50:.2f} ms, p99 {p99:.1f} ms, longest {longest:.0f} ms; server CPU {cpu:.1f} s, "
+            f"{per_query:.0f} us per answered query" + tail)
 
 
 def main() -> int:
@@ -370,6 +383,8 @@ def main() -> int:
                 lines.append(row_stale(directory))
             elif row == "reload":
                 lines.append(row_reload(directory))
+            elif row == "quiet":
+                lines.append(row_reload(directory, reloads=0))
             elif row == "cost":
                 for line in row_cost(directory, args.main):
                     lines.append(line)

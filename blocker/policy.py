@@ -193,16 +193,20 @@ def _first(item: list[object]) -> str:
 
 def _digest_json(digest: hashlib._Hash, value: object, piece: int = 1000) -> None:
     """`digest.update(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())`, the same
-    bytes, in pieces: one dumps of a fleet's devices holds the GIL ~60 ms (a reload runs in a thread)."""
+    bytes, in pieces: one dumps of a fleet's devices holds the GIL ~60 ms (a reload runs in a thread),
+    and so would freeing them at once. Empties the long lists it hashes, a piece at a time."""
     if isinstance(value, dict):
         for index, key in enumerate(sorted(value)):
             digest.update(("{" if index == 0 else ",").encode() + json.dumps(key).encode() + b":")
             _digest_json(digest, value[key], piece)
         digest.update(b"}" if value else b"{}")
     elif isinstance(value, list) and len(value) > piece:
-        for start in range(0, len(value), piece):
-            text = json.dumps(value[start:start + piece], sort_keys=True, separators=(",", ":"))
-            digest.update(("[" if start == 0 else ",").encode() + text[1:-1].encode())
+        opening = b"["
+        while value:
+            text = json.dumps(value[:piece], sort_keys=True, separators=(",", ":"))
+            del value[:piece]
+            digest.update(opening + text[1:-1].encode())
+            opening = b","
         digest.update(b"]")
     else:
         digest.update(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
