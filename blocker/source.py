@@ -78,6 +78,18 @@ class PolicySource:
         return ok
 
     async def _reload_once(self, why: str) -> bool:
+        # The load and the freeing of the old policy hold the GIL in slices of the switch interval;
+        # the listeners wait for the GIL after every socket call, so meanwhile slices are kept short
+        # enough for them to keep up. The collector is off during the load, and the new policy is
+        # frozen at its end (gcstats).
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
+        try:
+            return await self._load_and_swap(why)
+        finally:
+            sys.setswitchinterval(interval)
+
+    async def _load_and_swap(self, why: str) -> bool:
         started = time.perf_counter()
         old = self.policy
         # Stats taken before reading: a file changed while it is being read then differs from what
@@ -87,11 +99,6 @@ class PolicySource:
         before = file_signature(old, self.config_path, known, listing)
         reuse = old.lists if before[0] == self._signature[0] else None
         loop = asyncio.get_running_loop()
-        # The load holds the GIL in slices of the switch interval; the listeners wait for the GIL
-        # after every socket call, so while loading, slices are kept short enough for them to keep up.
-        # The collector is off during the load and the new policy frozen at its end (gcstats).
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
         try:
             with loading():
                 policy = await loop.run_in_executor(None, load_policy, self.config_path, reuse)
@@ -100,8 +107,6 @@ class PolicySource:
                 self._signature = before
                 self._on_rejected(err, why)
             return False
-        finally:
-            sys.setswitchinterval(interval)
         if self._closed:
             return False
         self.policy = policy
