@@ -19,7 +19,7 @@ from pathlib import Path
 import dns.rcode
 import pytest
 from conftest import standard_config
-from helpers import Blocker, Knot, eventually, metric_value, require_tool
+from helpers import ROOT, Blocker, Knot, eventually, metric_value, require_tool
 from radius_tools import SECRET, radclient
 
 from blocker.server import reuseport_pair
@@ -285,5 +285,25 @@ def test_one_worker_is_the_single_process_server(knot: Knot, tmp_path: Path) -> 
         assert worker_pids(server) == {}
         assert "blocker_workers" not in server.metrics()
         assert set(ask(server, "www.example.test", count=5)) == {"NOERROR"}
+    finally:
+        server.stop()
+
+
+def test_the_console_runs_in_the_supervisor(knot: Knot, tmp_path: Path) -> None:
+    from console_site import Web, add_user, console_config, start
+
+    config = console_config(tmp_path, knot.endpoint, ROOT / "blocklists")
+    text = config.read_text()
+    config.write_text(text.replace("  upstream_timeout: 0.5\n", "  upstream_timeout: 0.5\n  workers: 2\n"))
+    add_user(config, "alice", ["admin"], "Sgt. A. Adams")
+    server, port = start(config)
+    try:
+        assert len(worker_pids(server)) == 2
+        web = Web(port)
+        web.get("/login")
+        status, _headers, _page = web.login("alice")
+        assert status == 303
+        status, _headers, page = web.get("/explain?domain=web.whatsapp.com&who=MPS-000456")
+        assert status == 200 and "whatsapp" in page
     finally:
         server.stop()
