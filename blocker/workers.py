@@ -89,6 +89,8 @@ RESTART_PAUSE_MAX = 30.0
 YOUNG = 10.0  # a worker that dies sooner after its start is restarted after a growing pause
 STOP_GRACE = DRAIN_SECONDS + 5.0  # after SIGTERM, seconds before a worker is killed
 SCRAPE_TIMEOUT = 2.0
+PING_SECONDS = 1.0
+SILENCE_LIMIT = 5.0  # a serving worker that answers no ping for this long is killed (and restarted)
 # Families only the supervisor has the truth of; the workers' copies are not merged.
 SUPERVISOR_FAMILIES = ("blocker_config_", "blocker_policy", "blocker_blocklist_", "blocker_exemptions_",
                        "blocker_devices", "blocker_build", "blocker_bindings_", "blocker_radius_",
@@ -100,6 +102,9 @@ COUNTING = ("counter", "histogram", "summary")
 
 def encode(message: dict[str, object]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+PING = encode({"op": "ping"})
 
 
 class WorkerSeat:
@@ -139,6 +144,8 @@ class WorkerSeat:
         op = message.get("op")
         if op == "reload":
             _spawn(daemon.reload(str(message.get("why", "supervisor"))))
+        elif op == "ping":
+            self.tell({"op": "pong"})
         elif op == "reopen":
             daemon.reopen_querylog()
         elif op in ("bind", "unbind", "expire") and self.bindings is not None:
@@ -161,6 +168,7 @@ class Worker:
     version: str = ""
     loop: str = ""
     metrics_port: int = 0
+    heard: float = 0.0  # monotonic time of its last message
     last_scrape: list[Metric] = field(default_factory=list)
 
     def send(self, data: bytes) -> None:
@@ -233,7 +241,9 @@ class Supervisor(PolicyOwner):
                  self.count, self.workers[0].loop, policy.version, config.source_name,
                  len(policy.lists.categories), policy.lists.index.rule_count)
         watcher = asyncio.ensure_future(self.source.watch(self.tick))
+        watchdog = asyncio.ensure_future(self._watch_workers())
         await self.stopping.wait()
+        watchdog.cancel()
         log.info("stopping: draining queries in flight in %d workers", len(self.workers))
         self.ready = False
         watcher.cancel()
@@ -341,6 +351,7 @@ class Supervisor(PolicyOwner):
 
     def _heard(self, worker: Worker, message: dict[str, Any]) -> None:
         op = message.get("op")
+        worker.heard = time.monotonic()
         if op == "ready":
             worker.ready = True
             worker.metrics_port = int(message.get("metrics", 0))
@@ -373,6 +384,24 @@ class Supervisor(PolicyOwner):
         else:
             log.error("worker %d (pid %d) died (%s) after %.1f s: restarting", worker.index, worker.pid, how, lived)
             self._restart_later(worker.index, worker.started)
+
+    async def _watch_workers(self) -> None:
+        """Ping every serving worker; one that stays silent (stopped, deadlocked, stuck in a loop) keeps
+        its share of the listen sockets, and its clients would get no answer: it is killed and restarted."""
+        while True:
+            await asyncio.sleep(PING_SECONDS)
+            now = time.monotonic()
+            for worker in list(self.workers.values()):
+                if not worker.ready:
+                    continue
+                if now - worker.heard > SILENCE_LIMIT:
+                    log.error("worker %d (pid %d) unresponsive for %.0f s: killing it", worker.index, worker.pid,
+                              now - worker.heard)
+                    worker.ready = False
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
+                else:
+                    worker.send(PING)
 
     def _restart_later(self, index: int, started: float) -> None:
         young = time.monotonic() - started < YOUNG

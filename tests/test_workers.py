@@ -197,6 +197,16 @@ def test_a_killed_worker_comes_back_and_no_sum_goes_down(served: Blocker) -> Non
     assert metric_sum(after, "blocker_dns_queries_total") == metric_sum(text, "blocker_dns_queries_total") + QUERIES
 
 
+def test_a_worker_that_stops_answering_is_killed_and_restarted(served: Blocker) -> None:
+    pid = worker_pids(served)[0]
+    mark = len(served.lines)
+    os.kill(pid, signal.SIGSTOP)  # alive, holding its sockets, answering nothing
+    served.wait_for_log(rf"worker 0 \(pid {pid}\) unresponsive for \d+ s: killing it", after=mark)
+    served.wait_for_log(rf"worker 0 \(pid {pid}\) died \(signal 9\)", after=mark)
+    served.wait_for_log(r"worker 0 \(pid \d+\) serving again", after=mark)
+    assert set(ask(served, "www.example.test")) == {"NOERROR"}
+
+
 def test_both_workers_write_whole_lines_to_one_query_log(served: Blocker) -> None:
     assert served.config is not None
     path = served.config.parent / "queries.jsonl"
