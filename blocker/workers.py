@@ -6,22 +6,23 @@ spreads queries (by client address and port) and TCP connections over the worker
 
 The supervisor owns everything there is one of:
 - the files: it watches them and takes SIGHUP; it compiles a reload first and only a policy that
-  loads is announced to the workers, which then load the same files (one version: it is derived
-  from the files' content). A broken edit reaches no worker.
+  loads is announced to the workers, one after another, which then load the same files (one
+  version: it is derived from the files' content). A broken edit reaches no worker.
 - the audit trail, the RADIUS accounting listener, the binding snapshot and store: every change to
   its binding table is sent to every worker, which applies it to the copy it was forked with;
 - the console, and the public metrics endpoint (see `WorkersCollector`);
 - the workers' lives: SIGTERM reaches every worker, which drains as a single server does; a worker
   that dies is logged and forked again (after a pause that doubles, up to 30 s, while it keeps
-  dying young).
+  dying young); a worker that answers no ping for 5 s (stopped, deadlocked) is killed, since it
+  would keep its share of the sockets and leave its clients unanswered.
 
 Each worker is a `Daemon` with a `WorkerSeat`: its own sockets of the group, its own answer cache
 (1/N of `dns.cache_size` and `dns.cache_bytes`, so the server's memory bound stays the configured
 one), its upstream sockets and its query-log writer (the workers append whole lines to one file).
 
 Supervisor and worker talk over a socketpair, one JSON object per line. To a worker: reload, reopen
-(the query log, after a SIGHUP), bind/unbind/expire (a binding). From a worker: ready (its private
-metrics port, policy version and loop), loaded/rejected (the version it now runs). A worker whose
+(the query log, after a SIGHUP), bind/unbind/expire (a binding), ping. From a worker: ready (its private
+metrics port, policy version and loop), loaded/rejected (the version it now runs), pong. A worker whose
 supervisor goes away (its channel closes) stops.
 
 Metrics: every worker serves its registry on a private port on 127.0.0.1; a scrape of the public
@@ -48,6 +49,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -90,6 +92,7 @@ YOUNG = 10.0  # a worker that dies sooner after its start is restarted after a g
 STOP_GRACE = DRAIN_SECONDS + 5.0  # after SIGTERM, seconds before a worker is killed
 SCRAPE_TIMEOUT = 2.0
 PING_SECONDS = 1.0
+ROLL_TIMEOUT = 120.0  # seconds one worker may take to load a policy before the next one is told
 SILENCE_LIMIT = 5.0  # a serving worker that answers no ping for this long is killed (and restarted)
 # Families only the supervisor has the truth of; the workers' copies are not merged.
 SUPERVISOR_FAMILIES = ("blocker_config_", "blocker_policy", "blocker_blocklist_", "blocker_exemptions_",
@@ -169,6 +172,7 @@ class Worker:
     loop: str = ""
     metrics_port: int = 0
     heard: float = 0.0  # monotonic time of its last message
+    loading: asyncio.Future[None] | None = None  # set when it reports the reload it was told of
     last_scrape: list[Metric] = field(default_factory=list)
 
     def send(self, data: bytes) -> None:
@@ -207,6 +211,8 @@ class Supervisor(PolicyOwner):
         self.ready = False
         self.stopping = asyncio.Event()
         self._start_failed = False
+        self._rolling = False
+        self._roll_again: str | None = None
         self.collector = WorkersCollector(self)
 
     @property
@@ -363,6 +369,8 @@ class Supervisor(PolicyOwner):
                 worker.send(encode({"op": "reload", "why": "catching up"}))
         elif op in ("loaded", "rejected"):
             worker.version = str(message.get("version", ""))
+            if worker.loading is not None and not worker.loading.done():
+                worker.loading.set_result(None)
             if worker.version != self.policy.version:
                 log.warning("worker %d runs policy %s, the supervisor %s (a file changed between their loads: "
                             "the next poll reloads both)", worker.index, worker.version, self.policy.version)
@@ -373,6 +381,8 @@ class Supervisor(PolicyOwner):
         code = os.waitstatus_to_exitcode(status)
         how = f"signal {-code}" if code < 0 else f"exit {code}"
         self.collector.retire(worker)
+        if worker.loading is not None and not worker.loading.done():
+            worker.loading.set_result(None)
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         lived = time.monotonic() - worker.started
@@ -468,7 +478,31 @@ class Supervisor(PolicyOwner):
         log.info("reloaded (%s) policy=%s in %.0f ms (%d devices): %d workers follow", why, policy.version,
                  milliseconds, len(policy.devices), len(self.workers))
         self._audit(self.audit.update(policy.config.policy.exemptions, self.clock.now(), policy.version))
-        self._broadcast({"op": "reload", "why": why})
+        _spawn(self._roll_out(why))
+
+    async def _roll_out(self, why: str) -> None:
+        """Tell the workers to reload one after another: while one compiles, the others answer at
+        full speed and the cores are not shared by N compiles at once. A reload during a rollout
+        starts one more rollout after it."""
+        if self._rolling:
+            self._roll_again = why
+            return
+        self._rolling = True
+        try:
+            while True:
+                for index in range(self.count):
+                    worker = self.workers.get(index)
+                    if worker is None:  # restarting: it is forked with the supervisor's current policy
+                        continue
+                    worker.loading = asyncio.get_running_loop().create_future()
+                    worker.send(encode({"op": "reload", "why": why}))
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(worker.loading), ROLL_TIMEOUT)
+                if self._roll_again is None or self.stopping.is_set():
+                    break
+                why, self._roll_again = f"{self._roll_again}, coalesced", None
+        finally:
+            self._rolling = False
 
 
 class WorkersCollector(Collector):
@@ -494,10 +528,12 @@ class WorkersCollector(Collector):
 
     def collect(self) -> Iterator[object]:
         supervisor = self.supervisor
+        serving = [w for w in sorted(supervisor.workers.values(), key=lambda w: w.index) if w.ready and w.metrics_port]
         scraped: list[tuple[Worker, list[Metric]]] = []
-        for worker in sorted(supervisor.workers.values(), key=lambda w: w.index):
-            if worker.ready and worker.metrics_port:
-                families = scrape_worker(worker.metrics_port)
+        if serving:  # at once: one slow worker delays the scrape by SCRAPE_TIMEOUT at most
+            with ThreadPoolExecutor(len(serving), thread_name_prefix="blocker-scrape") as pool:
+                results = list(pool.map(scrape_worker, [w.metrics_port for w in serving]))
+            for worker, families in zip(serving, results, strict=True):
                 if families is not None:
                     worker.last_scrape = families
                     scraped.append((worker, families))
