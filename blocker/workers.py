@@ -72,6 +72,7 @@ from blocker.daemon import (
     _spawn,
     bind_error,
     event_loop_runner,
+    loop_name,
     warn_no_upstreams,
     warn_restart_needed,
 )
@@ -131,8 +132,6 @@ class WorkerSeat:
     async def follow(self, daemon: Daemon, metrics_port: int) -> None:
         """Do what the supervisor says until its channel closes; then the worker stops."""
         reader, self._writer = await asyncio.open_unix_connection(sock=self.control)
-        from blocker.daemon import loop_name
-
         self.tell({"op": "ready", "metrics": metrics_port, "version": daemon.policy.version,
                    "loop": loop_name(asyncio.get_running_loop())})
         try:
@@ -275,7 +274,7 @@ class Supervisor(PolicyOwner):
             registry = CollectorRegistry(auto_describe=False)
             registry.register(self.collector)
             try:
-                self.ops = OpsServer(*config.metrics.listen, registry, lambda: self.ready)
+                self.ops = OpsServer(*config.metrics.listen, registry, self._serving)
             except OSError as err:
                 log.error("%s", bind_error("for metrics (http)", format_endpoint(*config.metrics.listen), err))
                 return False
@@ -287,6 +286,10 @@ class Supervisor(PolicyOwner):
             self.console = start_console(self, config.console)
             return self.console is not None
         return True
+
+    def _serving(self) -> bool:
+        """/readyz: started, not stopping, and at least one worker answering."""
+        return self.ready and any(worker.ready for worker in list(self.workers.values()))
 
     async def _stop_services(self) -> None:
         if self.identity is not None:
@@ -304,7 +307,10 @@ class Supervisor(PolicyOwner):
         except OSError as err:
             log.error("worker %d: %s", index, bind_error("for DNS (udp+tcp)", format_endpoint(*self.endpoints[0]),
                                                          err))
-            self._restart_later(index, time.monotonic())
+            if self.ready:
+                self._restart_later(index, time.monotonic())
+            else:  # at start: fail now, as a single server would
+                self._start_failed = True
             return
         ours, theirs = socket.socketpair()
         seat = WorkerSeat(index, self.count, theirs, sockets, self.identity.table if self.identity else None,
