@@ -5,10 +5,11 @@ here is large: the policy (30,000 devices: ~500,000 objects), the lists' index, 
 and the memo. Measured: a full collection over a fleet-size policy 47-138 ms; 38 full collections
 in 120 s of a unique-name flood took 13 s together. So the collector walks only what is young:
 
-1. Frozen, not walked. What survives is moved out of the collector's reach (`gc.freeze`) at three
-   points only: at start before anything is served (`settle`: one full collection, then freeze);
-   at the end of every policy load, before the new policy is swapped in (`loading`); and after
-   each full collection the interpreter runs by itself (`GcPauses`, which also times them).
+1. Frozen, not walked. What survives is moved out of the collector's reach (`gc.freeze`) at these
+   points only: at start before anything is served (`settle`: one full collection, then freeze),
+   and in each forked worker for what it inherits (workers.py); at the end of every policy load,
+   before the new policy is swapped in (`loading`); and after each full collection the
+   interpreter runs by itself (`GcPauses`, which also times them).
 2. A policy load runs with the collector off (`loading`, whatever thread builds it): its
    objects all survive, so collecting during the build would only walk them again and again.
    First the young generations are collected (cheap), so little garbage is frozen with it.
