@@ -66,8 +66,9 @@ def compose(path: Path, problems: Collector, text: str | None = None) -> yaml.No
 
 
 def discard(root: yaml.Node | None, piece: int = 500) -> None:
-    """Free a node tree in pieces of `piece` nodes: freed at once, a fleet-size file's tree (~1 million
-    objects, 70 ms) would hold the GIL against the listeners while a reload reads it in a thread."""
+    """Free a node tree a little at a time (a long list of nodes `piece` entries at a time, each with
+    what hangs from it): freed at once, a fleet-size file's tree (~1 million objects, 70 ms) would
+    hold the GIL against the listeners while a reload reads it in a thread. Empties every node."""
     stack = [root] if root is not None and not isinstance(root, yaml.ScalarNode) else []
     while stack:
         node = stack.pop()

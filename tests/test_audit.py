@@ -154,8 +154,6 @@ def test_a_trail_that_cannot_be_written_is_retried_on_the_next_tick(tmp_path: Pa
 
 def test_the_real_server_records_a_start_and_an_expiry_at_their_times_without_a_reload(knot: Knot,
                                                                                       tmp_path: Path) -> None:
-    now = datetime.now(UTC)
-    starts, expires = now + timedelta(seconds=4), now + timedelta(seconds=6)
     trail = tmp_path / "trail.jsonl"
     policy = f"""\
         audit:
@@ -163,22 +161,30 @@ def test_the_real_server_records_a_start_and_an_expiry_at_their_times_without_a_
         policy:
           devices:
             - {{id: MPS-7, addresses: ["127.0.0.7"], group: standard}}
-          exemptions:
-            - {{device: MPS-7, allow: [whatsapp], approved_by: "Insp. J. Doe", reference: "CHG-7",
-               reason: "Test", starts: "{starts.isoformat()}", expires: "{expires.isoformat()}"}}
         """
-    server = Blocker(standard_config(tmp_path, [knot.endpoint], policy=policy)).start()
+    config = standard_config(tmp_path, [knot.endpoint], policy=policy)
+    server = Blocker(config).start()
     try:
-        def recorded() -> list[tuple[object, datetime]]:
-            return [(e["event"], datetime.fromisoformat(str(e["time"]).replace("Z", "+00:00")))
+        # Granted by an edit (one reload), to start and expire seconds later with no reload at all.
+        starts = datetime.now(UTC) + timedelta(seconds=3)
+        expires = starts + timedelta(seconds=1.5)
+        config.write_text(config.read_text() + f"""\
+  exemptions:
+    - {{device: MPS-7, allow: [whatsapp], approved_by: "Insp. J. Doe", reference: "CHG-7", reason: "Test",
+       starts: "{starts.isoformat()}", expires: "{expires.isoformat()}"}}
+""")
+
+        def recorded() -> list[tuple[object, object, datetime]]:
+            return [(e["event"], e["state"], datetime.fromisoformat(str(e["time"]).replace("Z", "+00:00")))
                     for e in read_events(trail)]
 
-        events = eventually(lambda: len(recorded()) == 3 and recorded(), timeout=12, what="start and expiry")
-        assert [kind for kind, _ in events] == ["grant", "start", "expiry"]
+        events = eventually(lambda: len(recorded()) == 3 and recorded(), timeout=15, what="grant, start, expiry")
+        assert [(kind, state) for kind, state, _ in events] == [("grant", "pending"), ("start", "active"),
+                                                                 ("expiry", "expired")]
         # Each at its time (the tick runs every second), not before, and not at some later reload.
-        assert starts <= events[1][1] < starts + timedelta(seconds=2.5)
-        assert expires <= events[2][1] < expires + timedelta(seconds=2.5)
+        assert starts <= events[1][2] < starts + timedelta(seconds=2.5)
+        assert expires <= events[2][2] < expires + timedelta(seconds=2.5)
         assert verify(trail).ok
     finally:
         server.stop()
-    assert not any("reloaded" in line for line in server.lines)
+    assert sum("reloaded" in line for line in server.lines) == 1
