@@ -11,11 +11,12 @@ Rows (each bounded in time, loopback only):
   reload    30,000 devices and 5,000 exemptions, 10 SIGHUPs one second apart under 2,000 q/s:
             queries lost, p50/p99/longest latency, server CPU per query, and how long the reloads took
   quiet     the reload row without SIGHUPs: its baseline
+  reload-edit  the reload row with an edit of one exemption before each SIGHUP (a real difference)
   cost      CPU cost of the spoof-resistant upstream path: q/s of blocker pinned to one core on the
             80/20 mix (cached allowed / blocked) and on misses only (every name new), for /work/main's
             code and this tree's, 0x20 on and off (`--main DIR` names the other tree)
 
-Usage: python3 bench/soak_upstream.py [--rows forgery,dead,fairness,stale,reload,quiet,cost]
+Usage: python3 bench/soak_upstream.py [--rows forgery,dead,fairness,stale,reload,quiet,reload-edit,cost]
 Needs root (raw socket for the spoofer), dnsperf and knotd.
 """
 
@@ -296,13 +297,16 @@ def fleet_config(directory: Path, upstream: str) -> Path:
     return path
 
 
-def row_reload(work: Path, reloads: int = 10) -> str:
+def row_reload(work: Path, reloads: int = 10, edit: bool = False) -> str:
     """`reloads` SIGHUPs one second apart under 2,000 q/s (0: the same load and policy, no reload:
-    the baseline the reloads are compared with)."""
+    the baseline the reloads are compared with); with `edit`, each SIGHUP follows an edit of one
+    exemption's reason (a real difference: one audit event per reload)."""
     import signal
 
     knot = Knot(work / "knot", ["example.test"]).start()
-    server = Blocker(fleet_config(work, knot.endpoint)).start(expect_ready=False)
+    config_path = fleet_config(work, knot.endpoint)
+    original = config_path.read_text()
+    server = Blocker(config_path).start(expect_ready=False)
     server.wait_for_log(r" ready ", timeout=120)  # the first load logs 5,000 audit events
     assert server.process is not None
     try:
@@ -322,7 +326,10 @@ def row_reload(work: Path, reloads: int = 10) -> str:
         runner.start()
         time.sleep(2)
         mark = len(server.lines)
-        for _ in range(reloads):
+        for index in range(reloads):
+            if edit:
+                config_path.write_text(original.replace('reference: "CASE-7", reason: "soak"',
+                                                        f'reference: "CASE-7", reason: "soak, edit {index}"'))
             server.signal(signal.SIGHUP)
             time.sleep(1)
         runner.join(60)
@@ -342,7 +349,7 @@ def row_reload(work: Path, reloads: int = 10) -> str:
     lost = re.search(r"Queries lost:\s+(\d+)", out)
     # The server's CPU over the whole load (answers and reloads together), per answered query.
     per_query = cpu / max(1, len(latencies)) * 1e6
-    head = (f"reload: {reloads} SIGHUPs under 2,000 q/s" if reloads
+    head = (f"reload{' after an edit' if edit else ''}: {reloads} SIGHUPs under 2,000 q/s" if reloads
             else "reload baseline: no SIGHUP, 2,000 q/s") + " with 30,000 devices and 5,000 exemptions: "
     tail = (f"; {len(durations)} reloads ran (coalesced), taking {', '.join(f'{r:.0f}' for r in durations)} ms"
             if reloads else "")
@@ -385,6 +392,8 @@ def main() -> int:
                 lines.append(row_reload(directory))
             elif row == "quiet":
                 lines.append(row_reload(directory, reloads=0))
+            elif row == "reload-edit":
+                lines.append(row_reload(directory, edit=True))
             elif row == "cost":
                 for line in row_cost(directory, args.main):
                     lines.append(line)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import logging
 import operator
 from collections.abc import Iterable
@@ -108,8 +109,8 @@ class ExemptionAudit:
     """Compares the exemptions of each policy with what was last recorded, and records the difference.
 
     Cheap on the event loop at fleet size: a tick does nothing until the next start or expiry is
-    due (a heap of transition times), then looks at the exemptions whose time came only; an update
-    reuses each unchanged exemption's values, so comparing 5,000 unchanged ones allocates little."""
+    due (a heap of transition times), then looks only at the exemptions whose time came; an update
+    looks only at the exemptions whose fields changed (an edit of one of 5,000 compares one)."""
 
     def __init__(self, trail_path: Path | None = None) -> None:
         self.trail = AuditTrail(trail_path) if trail_path is not None else None
@@ -117,10 +118,11 @@ class ExemptionAudit:
         self._recorded: dict[Key, Snapshot] = {}
         self._seen: dict[Key, Snapshot] | None = None
         self._current: dict[Key, Exemption] = {}
-        self._fingerprint: list[tuple[object, ...]] | None = None  # every field of every exemption, in order
-        self._values: dict[Key, tuple[tuple[object, ...], dict[str, object]]] = {}  # values() of each, by fields
+        self._exemptions: tuple[Exemption, ...] = ()  # as given to the last update, in order
+        self._fingerprint: list[tuple[object, ...]] | None = None  # every field of each of them
+        self._values: dict[Key, tuple[tuple[object, ...], dict[str, object]]] = {}  # fields and values() of each
         self._transitions: list[tuple[datetime, Key]] = []  # heap: when each exemption's state next changes
-        self._checked: datetime | None = None  # `now` of the last complete comparison; None: compare all
+        self._checked: datetime | None = None  # `now` of the last comparison; None: compare all next time
         self._failure = ""
         self.comparisons = 0  # exemptions whose state was computed (the tests' measure of work)
 
@@ -130,9 +132,47 @@ class ExemptionAudit:
         fingerprint = list(map(_FIELDS, exemptions))  # built and compared in C: ~3 ms for 5,000
         if fingerprint == self._fingerprint and self._checked is not None:
             return self.tick(now, version)  # the same exemptions, to the line: only what is due
-        self._fingerprint = fingerprint
-        self._current = {(e.device, e.reference): e for e in exemptions}
-        return self._reconcile(now, version, None)
+        if self._checked is None or now < self._checked:
+            self._exemptions, self._fingerprint = exemptions, fingerprint
+            self._current = {(e.device, e.reference): e for e in exemptions}
+            return self._reconcile(now, version, None)
+        changed = self._edited(exemptions, fingerprint)
+        if changed is None:
+            changed = self._by_key(exemptions, fingerprint)
+        self._exemptions, self._fingerprint = exemptions, fingerprint
+        return self._reconcile(now, version, changed | self._due(now))
+
+    def _edited(self, exemptions: tuple[Exemption, ...], fingerprint: list[tuple[object, ...]]) -> set[Key] | None:
+        """The keys of the exemptions edited in place, `_current` updated for them; None when the
+        positions do not line up (entries added or taken out, a key twice): compare them all."""
+        old, current = self._exemptions, self._current
+        if self._fingerprint is None or len(old) != len(exemptions) or len(current) != len(old):
+            return None
+        positions = list(itertools.compress(range(len(exemptions)), map(operator.ne, self._fingerprint, fingerprint)))
+        gone = [(old[i].device, old[i].reference) for i in positions]
+        for key in gone:
+            del current[key]
+        changed = set(gone)
+        for i in positions:
+            key = (exemptions[i].device, exemptions[i].reference)
+            if key in current:
+                return None  # the same key twice now
+            current[key] = exemptions[i]
+            changed.add(key)
+        return changed
+
+    def _by_key(self, exemptions: tuple[Exemption, ...], fingerprint: list[tuple[object, ...]]) -> set[Key]:
+        """The keys of the exemptions added, taken out or changed, found by key; `_current` rebuilt."""
+        previous = self._current
+        self._current = current = {(e.device, e.reference): e for e in exemptions}
+        known = self._values
+        changed = {key for key in previous if key not in current}
+        for exemption, fields in zip(exemptions, fingerprint, strict=True):
+            key = (exemption.device, exemption.reference)
+            cached = known.get(key)
+            if cached is None or cached[0] != fields:
+                changed.add(key)
+        return changed
 
     def tick(self, now: datetime, version: str) -> list[dict[str, object]]:
         """Events for exemptions that started or expired since the last call; O(1) until one is due."""
@@ -141,10 +181,15 @@ class ExemptionAudit:
         heap = self._transitions
         if not heap or now < heap[0][0]:
             return []
+        return self._reconcile(now, version, self._due(now))
+
+    def _due(self, now: datetime) -> set[Key]:
+        """The exemptions whose start or expiry came by `now` (taken off the heap)."""
+        heap = self._transitions
         due: set[Key] = set()
         while heap and heap[0][0] <= now:
             due.add(heapq.heappop(heap)[1])
-        return self._reconcile(now, version, due)
+        return due
 
     def recorded(self) -> dict[Key, Snapshot]:
         """What the trail says each exemption is (as of the last reconcile)."""
@@ -168,36 +213,45 @@ class ExemptionAudit:
             cached = self._values[key] = (fields, values(exemption))
         return cached[1], state(exemption, now)
 
-    def _desired(self, now: datetime, due: set[Key] | None) -> dict[Key, Snapshot]:
-        """What each exemption is at `now`: all of them, or (`due`) only those whose time came."""
+    def _desired(self, now: datetime, keys: set[Key] | None) -> dict[Key, Snapshot]:
+        """What each exemption is at `now`: all of them, or (`keys`) only those that changed or came due."""
         current = self._current
-        if due is None:
+        if keys is None:
             self._values = {k: v for k, v in self._values.items() if k in current}
             return {key: self._snapshot(key, e, now) for key, e in current.items()}
         assert self._seen is not None
         desired = dict(self._seen)
-        for key in due:
+        for key in keys:
             exemption = current.get(key)
-            if exemption is not None:
+            if exemption is None:
+                desired.pop(key, None)
+                self._values.pop(key, None)
+            else:
                 desired[key] = self._snapshot(key, exemption, now)
         return desired
 
     def _schedule(self, now: datetime, keys: Iterable[Key] | None) -> None:
-        """Note when the exemptions `keys` (None: all, from scratch) next start or expire."""
+        """Note when the exemptions `keys` (None: all, from scratch) next start or expire. A key
+        may be on the heap twice after an edit: coming due early costs one comparison, no event."""
         current = self._current
-        heap = [] if keys is None else self._transitions
+        pending: list[tuple[datetime, Key]] = []
         for key in current if keys is None else keys:
             exemption = current.get(key)
             if exemption is None:
                 continue
             if exemption.starts is not None and now < exemption.starts:
-                heap.append((exemption.starts, key))
+                pending.append((exemption.starts, key))
             elif now < exemption.expires:
-                heap.append((exemption.expires, key))
-        heapq.heapify(heap)
-        self._transitions = heap
+                pending.append((exemption.expires, key))
+        if keys is None:
+            heapq.heapify(pending)
+            self._transitions = pending
+        else:
+            for entry in pending:
+                heapq.heappush(self._transitions, entry)
 
     def _reconcile(self, now: datetime, version: str, due: set[Key] | None) -> list[dict[str, object]]:
+        """Compare and record: every exemption, or (`due`) only those keys."""
         desired = self._desired(now, due)
         if desired == self._seen:
             self._done(now, due)

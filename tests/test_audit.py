@@ -121,11 +121,16 @@ def test_a_reload_of_the_same_exemptions_compares_none_and_an_edit_records_only_
     edited[7] = replace(edited[7], reason="Operation extended")
     events = audit.update(edited, START + timedelta(seconds=2), "v2")
     assert kinds(events) == [("change", "CHG-7")] and events[0]["policy"] == "v2"
+    assert audit.comparisons == 1  # the edited one only
     # Moving entries in the file changes nothing recorded, but the next event says where they are now.
     moved = [replace(e, line=e.line + 100) for e in edited]
     assert audit.update(moved, START + timedelta(seconds=3), "v2") == []
     started = audit.tick(START + timedelta(seconds=60), "v2")
     assert kinds(started) == [("start", "CHG-0")] and started[0]["line"] == 110
+    # Two taken out of the file (one in force, one pending): two revocations, no other exemption compared.
+    audit.comparisons = 0
+    revoked = audit.update(moved[2:], START + timedelta(seconds=61), "v3")
+    assert kinds(revoked) == [("revoke", "CHG-0"), ("revoke", "CHG-1")] and audit.comparisons == 0
 
 
 def test_a_clock_stepped_back_is_compared_in_full() -> None:
