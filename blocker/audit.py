@@ -149,17 +149,14 @@ class ExemptionAudit:
         if self._fingerprint is None or len(old) != len(exemptions) or len(current) != len(old):
             return None
         positions = list(itertools.compress(range(len(exemptions)), map(operator.ne, self._fingerprint, fingerprint)))
-        gone = [(old[i].device, old[i].reference) for i in positions]
+        gone = {(old[i].device, old[i].reference) for i in positions}
+        came = {(exemptions[i].device, exemptions[i].reference): exemptions[i] for i in positions}
+        if len(came) != len(positions) or any(key in current and key not in gone for key in came):
+            return None  # the same key twice now
         for key in gone:
             del current[key]
-        changed = set(gone)
-        for i in positions:
-            key = (exemptions[i].device, exemptions[i].reference)
-            if key in current:
-                return None  # the same key twice now
-            current[key] = exemptions[i]
-            changed.add(key)
-        return changed
+        current.update(came)
+        return gone | came.keys()
 
     def _by_key(self, exemptions: tuple[Exemption, ...], fingerprint: list[tuple[object, ...]]) -> set[Key]:
         """The keys of the exemptions added, taken out or changed, found by key; `_current` rebuilt."""

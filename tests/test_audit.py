@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -133,6 +135,14 @@ def test_a_reload_of_the_same_exemptions_compares_none_and_an_edit_records_only_
     assert kinds(revoked) == [("revoke", "CHG-0"), ("revoke", "CHG-1")] and audit.comparisons == 0
 
 
+def test_an_entry_edited_into_a_copy_of_another_revokes_the_one_it_was() -> None:
+    audit = ExemptionAudit()
+    audit.update([grant("CHG-A"), grant("CHG-B")], START, "v1")
+    # Edited in place, the first entry now repeats the second's reference: CHG-A is gone from the file.
+    events = audit.update([grant("CHG-B"), grant("CHG-B")], START + timedelta(seconds=1), "v2")
+    assert kinds(events) == [("revoke", "CHG-A")]
+
+
 def test_a_clock_stepped_back_is_compared_in_full() -> None:
     audit = ExemptionAudit()
     audit.update([grant(expires=60)], START, "v1")
@@ -193,3 +203,59 @@ def test_the_real_server_records_a_start_and_an_expiry_at_their_times_without_a_
     finally:
         server.stop()
     assert sum("reloaded" in line for line in server.lines) == 1
+
+
+class EveryTime(ExemptionAudit):
+    """The reference: every update and tick compares every exemption (as the audit did before)."""
+
+    def update(self, exemptions: Iterable[Exemption], now: datetime, version: str) -> list[dict[str, object]]:
+        self._current = {(e.device, e.reference): e for e in exemptions}
+        return self._reconcile(now, version, None)
+
+    def tick(self, now: datetime, version: str) -> list[dict[str, object]]:
+        return self._reconcile(now, version, None)
+
+
+def same(events: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Events without what differs between two trails (the time written, the hash chain)."""
+    return [{k: v for k, v in e.items() if k not in ("time", "prev", "hash")} for e in events]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("trail", [False, True], ids=["log", "trail"])
+def test_looking_only_at_what_changed_or_came_due_records_what_comparing_everything_records(
+        seed: int, trail: bool, tmp_path: Path) -> None:
+    rng = random.Random(seed)
+    at = START
+    entries = fleet(40, step=5)
+    if trail:
+        quick, reference = ExemptionAudit(tmp_path / "quick.jsonl"), EveryTime(tmp_path / "reference.jsonl")
+    else:
+        quick, reference = ExemptionAudit(), EveryTime()
+    assert same(quick.update(entries, at, "v0")) == same(reference.update(entries, at, "v0"))
+    for step in range(300):
+        at += timedelta(seconds=rng.choice([0, 1, 1, 2, 7, 30, 400]) if rng.random() > 0.03 else -50)
+        if rng.random() < 0.7:
+            assert same(quick.tick(at, "v")) == same(reference.tick(at, "v")), step
+            continue
+        entries = list(entries)
+        index = rng.randrange(len(entries)) if entries else 0
+        change = rng.choice(["reason", "expires", "starts", "line", "remove", "add", "twice", "same"])
+        if change == "reason" and entries:
+            entries[index] = replace(entries[index], reason=f"reason {step}")
+        elif change == "expires" and entries:
+            entries[index] = replace(entries[index], expires=at + timedelta(seconds=rng.randrange(-20, 200)))
+        elif change == "starts" and entries:
+            entries[index] = replace(entries[index], starts=at + timedelta(seconds=rng.randrange(-20, 100)))
+        elif change == "line" and entries:
+            entries[index] = replace(entries[index], line=entries[index].line + 1)
+        elif change == "remove" and entries:
+            del entries[index]
+        elif change == "add":
+            entries.insert(index, replace(grant(f"CHG-N{step}", expires=rng.randrange(10, 900)), device=f"MPS-N{step}"))
+        elif change == "twice" and entries:
+            entries[index] = entries[rng.randrange(len(entries))]
+        version = f"v{step}"
+        assert same(quick.update(entries, at, version)) == same(reference.update(entries, at, version)), (step, change)
+    if trail:
+        assert verify(tmp_path / "quick.jsonl").ok and quick.recorded() == reference.recorded()
