@@ -159,10 +159,11 @@ def test_release_frees_in_pieces_and_leaves_shared_parts_whole() -> None:
 
 def test_discard_empties_a_yaml_tree_in_pieces(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
-    path.write_text("top:\n  items:\n" + "".join(f"    - {{id: {i}, tags: [a, b]}}\n" for i in range(3000)))
+    path.write_text("shared: &tags [a, b]\ntop:\n  items:\n"
+                    + "".join(f"    - {{id: {i}, tags: *tags}}\n" for i in range(3000)))  # aliases: one node, shared
     root = compose(path, Collector())
     assert isinstance(root, yaml.MappingNode)
-    items = root.value[0][1].value[0][1]
+    items = root.value[1][1].value[0][1]
     first = weakref.ref(items.value[0])
     assert len(items.value) == 3000
     discard(root, piece=100)
