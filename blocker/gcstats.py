@@ -72,7 +72,7 @@ def loading() -> Iterator[None]:
 _CONTAINERS = (tuple, list, dict, set, frozenset)
 
 
-def release(box: list[Any], piece: int = 256) -> None:
+def release(box: list[Any], piece: int = 64) -> None:
     """Free what `box` holds, emptying it (the caller keeps no other reference), a little at a time:
     for a thread that shares the GIL with the listeners. Each object only this holds is taken
     apart first (its referents kept on a stack, so freeing it frees it alone); a large container's

@@ -176,7 +176,9 @@ def policy_version(config: Config, files: tuple[Path, ...]) -> str:
         "block_response": [dns.block_response.kind, dns.block_response.ipv4, dns.block_response.ipv6],
         "block_ttl": dns.block_ttl,
     }
-    _digest_json(digest, settings)
+    pieces: list[bytes] = []
+    _canonical_json(settings, pieces)
+    digest.update(b"".join(pieces))
     folder = config.blocklists
     for name, path in sorted((_relative(path, folder), path) for path in files):
         digest.update(b"\0" + name.encode() + b"\0")
@@ -191,25 +193,27 @@ def _first(item: list[object]) -> str:
     return str(item[0])
 
 
-def _digest_json(digest: hashlib._Hash, value: object, piece: int = 1000) -> None:
-    """`digest.update(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())`, the same
+def _canonical_json(value: object, out: list[bytes], piece: int = 100) -> None:
+    """Append `json.dumps(value, sort_keys=True, separators=(",", ":")).encode()` to `out`, the same
     bytes, in pieces: one dumps of a fleet's devices holds the GIL ~60 ms (a reload runs in a thread),
-    and so would freeing them at once. Empties the long lists it hashes, a piece at a time."""
+    and so would freeing them at once. Empties the long lists it encodes, a piece at a time. The
+    caller hashes the pieces joined, in one update: hashlib lets the GIL go for each update of 2 KiB
+    or more, and a thread letting it go and taking it back that often starves the waiting listeners."""
     if isinstance(value, dict):
         for index, key in enumerate(sorted(value)):
-            digest.update(("{" if index == 0 else ",").encode() + json.dumps(key).encode() + b":")
-            _digest_json(digest, value[key], piece)
-        digest.update(b"}" if value else b"{}")
+            out.append(("{" if index == 0 else ",").encode() + json.dumps(key).encode() + b":")
+            _canonical_json(value[key], out, piece)
+        out.append(b"}" if value else b"{}")
     elif isinstance(value, list) and len(value) > piece:
         opening = b"["
         while value:
             text = json.dumps(value[:piece], sort_keys=True, separators=(",", ":"))
             del value[:piece]
-            digest.update(opening + text[1:-1].encode())
+            out.append(opening + text[1:-1].encode())
             opening = b","
-        digest.update(b"]")
+        out.append(b"]")
     else:
-        digest.update(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
+        out.append(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _relative(path: Path, folder: Path) -> str:

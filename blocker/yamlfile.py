@@ -65,7 +65,7 @@ def compose(path: Path, problems: Collector, text: str | None = None) -> yaml.No
     return None
 
 
-def discard(root: yaml.Node | None, piece: int = 500) -> None:
+def discard(root: yaml.Node | None, piece: int = 50) -> None:
     """Free a node tree a little at a time (a long list of nodes `piece` entries at a time, each with
     what hangs from it): freed at once, a fleet-size file's tree (~1 million objects, 70 ms) would
     hold the GIL against the listeners while a reload reads it in a thread. Empties every node."""
