@@ -191,6 +191,12 @@ class BindingTable:
         held = self.get(network)
         return held is not None and self.unbind(network, None, local=local)
 
+    def mirror(self, op: str, binding: Binding) -> None:
+        """Apply a change the supervisor's table made (a worker's copy follows it change by change)."""
+        self.remove(binding.network)
+        if op == "bind":
+            self.bind(binding.network, binding.device, binding.gateway, binding.since, binding.expires, local=False)
+
     def _changed(self, op: str, binding: Binding, local: bool) -> None:
         self.version += 1
         for listener in self.listeners:

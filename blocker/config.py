@@ -7,6 +7,7 @@ config file. Without a file, `embedded_defaults()` gives the behaviour `blocker 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +18,8 @@ import yaml
 from blocker.cache import DEFAULT_BYTES as DEFAULT_CACHE_BYTES
 from blocker.errors import ConfigError, Problem
 from blocker.yamlfile import Collector, Reader, compose
+
+MAX_WORKERS = 256
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Endpoint = tuple[str, int]
@@ -68,6 +71,7 @@ class DnsConfig:
     tcp_max_per_client: int = 20
     tcp_write_timeout: float = 5.0
     tcp_idle_timeout: float = 10.0  # RFC 7766 §6.2.3: seconds a client connection may sit idle
+    workers: int = 1  # resolver processes sharing the listen sockets (SO_REUSEPORT); "auto" = usable cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +277,7 @@ _TOP_KEYS = {"dns", "metrics", "blocklists", "query_log", "proxy", "policy", "au
 _DNS_KEYS = {"listen", "upstreams", "allow_networks", "block_response", "block_ttl", "cache_size",
              "trusted_forwarders", "upstream_timeout", "upstream_0x20", "serve_stale", "rate_limit",
              "max_outstanding_per_client", "cache_bytes", "tcp_max_connections", "tcp_max_per_client",
-             "tcp_write_timeout", "tcp_idle_timeout"}
+             "tcp_write_timeout", "tcp_idle_timeout", "workers"}
 _RATE_LIMIT_KEYS = {"qps", "burst", "action"}
 RATE_LIMIT_ACTIONS = ("refused", "drop")
 _POLICY_KEYS = {"default_group", "groups", "devices", "exemptions", "exemptions_file", "expiry_warning_days",
@@ -332,6 +336,14 @@ def _audit(read: Reader, node: yaml.Node | None, base: Path) -> AuditConfig:
         return AuditConfig()
     text = read.string(fields["path"], "audit.path")
     return AuditConfig(base / text if text else None)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+    except AttributeError:  # not Linux
+        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 def _endpoints(read: Reader, node: yaml.Node | None, where: str) -> tuple[Endpoint, ...]:
@@ -437,6 +449,13 @@ def _dns_bounds(read: Reader, fields: dict[str, yaml.Node], values: dict[str, ob
     if "tcp_idle_timeout" in fields:
         timeout = read.number(fields["tcp_idle_timeout"], "dns.tcp_idle_timeout", 0.05)
         values["tcp_idle_timeout"] = defaults.tcp_idle_timeout if timeout is None else timeout
+    if "workers" in fields:
+        node = fields["workers"]
+        if isinstance(node, yaml.ScalarNode) and node.value == "auto":
+            values["workers"] = usable_cores()
+        else:
+            number = read.integer(node, "dns.workers (a number or auto)", 1, MAX_WORKERS)
+            values["workers"] = defaults.workers if number is None else number
 
 
 _BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}

@@ -16,11 +16,12 @@ import os
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blocker.audit import ExemptionAudit
 from blocker.cache import AnswerCache, cache_share
 from blocker.clock import Clock
+from blocker.config import Config, DnsConfig
 from blocker.errors import ConfigError
 from blocker.gcstats import GcPauses
 from blocker.httpd import OpsServer
@@ -35,6 +36,9 @@ from blocker.server import Listeners
 from blocker.source import PolicySource
 from blocker.upstream import follow_config
 from blocker.yamlfile import format_endpoint
+
+if TYPE_CHECKING:
+    from blocker.workers import WorkerSeat
 
 log = logging.getLogger("blocker")
 
@@ -62,28 +66,95 @@ def bind_error(what: str, endpoint: str, err: OSError) -> str:
     return f"cannot listen {what} on {endpoint}: {reason}"
 
 
-class Daemon:
-    """Owns the running policy, the listeners, the cache and the ops endpoint."""
+class PolicyOwner:
+    """What a `Daemon` and a workers' `Supervisor` (workers.py) share: the policy source and the outcome
+    of its reloads, the exemption audit, and the identity service."""
 
-    def __init__(self, config_path: Path | None, policy: Policy, clock: Clock | None = None) -> None:
+    clock: Clock
+    stats: Stats
+    source: PolicySource
+    audit: ExemptionAudit
+    identity: IdentityService | None
+
+    @property
+    def policy(self) -> Policy:
+        raise NotImplementedError
+
+    async def _start_identity(self) -> bool:
+        """Restore bindings, bind the RADIUS accounting port, start the store mirror; False (logged) on failure."""
+        if self.identity is None:
+            return True
+        radius = self.policy.config.identity.radius_accounting
+        try:
+            await self.identity.start()
+        except ConfigError as err:
+            log_problems("cannot start", err)
+            return False
+        except OSError as err:
+            assert radius is not None
+            log.error("%s", bind_error("for RADIUS accounting (udp)", format_endpoint(*radius.listen), err))
+            return False
+        if self.identity.radius_address is not None:
+            log.info("listening radius=%s (udp)", format_endpoint(*self.identity.radius_address))
+        return True
+
+    @staticmethod
+    def _audit(events: list[dict[str, object]]) -> None:
+        for event in events:
+            log.info("audit %s", json.dumps(event, separators=(",", ":")))
+
+    def tick(self) -> None:
+        """Every poll: record exemptions that started or expired (they do so with no reload)."""
+        self._audit(self.audit.tick(self.clock.now(), self.policy.version))
+
+    def _rejected(self, err: ConfigError | Exception, why: str) -> None:
+        keeping = f"keeping policy {self.policy.version}"
+        # Metrics first: whoever reads the log line may scrape at once.
+        if isinstance(err, ConfigError):
+            first = err.problems[0]
+            self.stats.last_reload_error = (first.file, first.line, first.message)
+            self.stats.reloaded(False)
+            log_problems(f"reload ({why}) rejected, {keeping}", err)
+        else:
+            self.stats.last_reload_error = (str(self.source.config_path or ""), 0, f"internal error: {err}")
+            self.stats.reloaded(False)
+            log.error("reload (%s) failed, %s", why, keeping, exc_info=err)
+
+
+class Daemon(PolicyOwner):
+    """Owns the running policy, the listeners, the cache and the ops endpoint.
+
+    With a `seat` it is one worker of a supervisor (workers.py): it serves the sockets and the
+    binding table it was handed, reloads when the supervisor says so, and leaves the audit trail,
+    the accounting listener, the console and the public metrics endpoint to the supervisor.
+    """
+
+    def __init__(self, config_path: Path | None, policy: Policy, clock: Clock | None = None,
+                 seat: WorkerSeat | None = None) -> None:
         self.clock = clock or Clock()
+        self.seat = seat
         self.gc_pauses = GcPauses()  # times collections and freezes their survivors while running
         self.stats = Stats()
         self.stats.prepare(policy.group_order, policy.lists.categories)
         dns = policy.config.dns
-        self.cache = AnswerCache(dns.cache_size, cache_share(dns.cache_bytes))
+        self.cache = AnswerCache(*self._cache_bounds(dns))
         self.cache.stale_window = dns.serve_stale
         self.upstreams = follow_config(None, dns, self.stats)
         self.recorder = Recorder(self.stats, self.clock)
         identity = policy.config.identity
-        self.identity = IdentityService(identity, self.clock.time) if IdentityService.wanted(identity) else None
-        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock,
-                                 self.identity.table if self.identity else None)
+        if seat is None:
+            self.identity = IdentityService(identity, self.clock.time) if IdentityService.wanted(identity) else None
+            bindings = self.identity.table if self.identity else None
+        else:
+            self.identity, bindings = None, seat.bindings
+        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock, bindings)
         # Exported (at zero) even when identity is off: dashboards and alerts see a series, not a gap.
         self._identity_metrics = IdentityCollector(self.identity or IdentityService(identity, self.clock.time))
         self.listeners = Listeners(self.resolver)
-        self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
-        self.audit = ExemptionAudit(policy.config.audit.path)  # audit.path: read at start only
+        self.source = PolicySource(config_path, policy, self._loaded, self._rejected,
+                                   seat.signature if seat is not None else None)
+        # audit.path: read at start only. A worker records nothing: its supervisor keeps the trail.
+        self.audit = ExemptionAudit(policy.config.audit.path if seat is None else None)
         self.querylog: QueryLog | None = None
         self._configure_querylog(policy)
         self.ops: OpsServer | None = None
@@ -95,12 +166,16 @@ class Daemon:
     def policy(self) -> Policy:
         return self.resolver.policy
 
+    def _cache_bounds(self, dns: DnsConfig) -> tuple[int, int]:
+        """(entries, bytes) of the answer cache: a worker holds its share of the server's bounds."""
+        share = self.seat.count if self.seat is not None else 1
+        return dns.cache_size // share, cache_share(dns.cache_bytes // share)
+
     async def run(self) -> int:
         config = self.policy.config
         self.gc_pauses.install()
-        if not config.dns.upstreams:
-            log.warning("no upstream servers configured or found in /etc/resolv.conf: "
-                        "allowed names will get SERVFAIL")
+        if self.seat is None:
+            warn_no_upstreams(config)
         if not await self._listen() or not await self._start_identity():
             await self.listeners.close(0)
             if self.ops is not None:
@@ -111,13 +186,18 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         self.stats.reloaded(True)
-        self._audit(self.audit.update(self.policy.config.policy.exemptions, self.clock.now(), self.policy.version))
+        if self.seat is None:
+            self._audit(self.audit.update(self.policy.config.policy.exemptions, self.clock.now(), self.policy.version))
         self.ready = True
         policy = self.policy
-        log.info("ready pid=%d loop=%s policy=%s config=%s categories=%d rules=%d upstreams=%s", os.getpid(),
-                 loop_name(loop), policy.version, config.source_name, len(policy.lists.categories),
-                 policy.lists.index.rule_count, ",".join(self.upstreams.names) or "none")
-        watcher = asyncio.ensure_future(self.source.watch(self.tick))
+        if self.seat is None:
+            log.info("ready pid=%d loop=%s policy=%s config=%s categories=%d rules=%d upstreams=%s", os.getpid(),
+                     loop_name(loop), policy.version, config.source_name, len(policy.lists.categories),
+                     policy.lists.index.rule_count, ",".join(self.upstreams.names) or "none")
+            watcher = asyncio.ensure_future(self.source.watch(self.tick))
+        else:  # the supervisor watches the files and tells every worker when to reload
+            log.info("serving pid=%d loop=%s policy=%s", os.getpid(), loop_name(loop), policy.version)
+            watcher = asyncio.ensure_future(self.seat.follow(self, self.ops.address[1] if self.ops else 0))
         await self.stopping.wait()
         log.info("stopping: draining queries in flight")
         self.ready = False
@@ -139,7 +219,10 @@ class Daemon:
     async def _listen(self) -> bool:
         """Bind every DNS address and the ops endpoint; False (logged with the reason) if one fails."""
         config = self.policy.config
-        for host, port in config.dns.listen:
+        if self.seat is not None:
+            for udp, tcp in self.seat.sockets:
+                await self.listeners.adopt(udp, tcp)
+        for host, port in config.dns.listen if self.seat is None else ():
             try:
                 bound = await self.listeners.bind(host, port)
             except OSError as err:
@@ -149,38 +232,24 @@ class Daemon:
         if config.metrics.listen is not None:
             gauges = Gauges(self._cache_numbers, lambda: self.resolver.policy, lambda: self.querylog,
                             self._memory_numbers)
+            # A worker's metrics go to its supervisor only, which serves every worker's as one scrape.
+            listen = config.metrics.listen if self.seat is None else ("127.0.0.1", 0)
             try:
-                registry = make_registry(self.stats, gauges, self._identity_metrics)
+                extra = (self._identity_metrics,) if self.seat is None else ()
+                registry = make_registry(self.stats, gauges, *extra)
                 registry.register(self.gc_pauses)
-                self.ops = OpsServer(*config.metrics.listen, registry, lambda: self.ready)
+                self.ops = OpsServer(*listen, registry, lambda: self.ready)
             except OSError as err:
-                log.error("%s", bind_error("for metrics (http)", format_endpoint(*config.metrics.listen), err))
+                log.error("%s", bind_error("for metrics (http)", format_endpoint(*listen), err))
                 return False
             self.ops.start()
-            log.info("listening metrics=http://%s/metrics", format_endpoint(*self.ops.address))
-        if config.console.enabled:
+            if self.seat is None:
+                log.info("listening metrics=http://%s/metrics", format_endpoint(*self.ops.address))
+        if config.console.enabled and self.seat is None:
             from blocker.console import start_console
 
             self.console = start_console(self, config.console)
             return self.console is not None
-        return True
-
-    async def _start_identity(self) -> bool:
-        """Restore bindings, bind the RADIUS accounting port, start the store mirror; False (logged) on failure."""
-        if self.identity is None:
-            return True
-        radius = self.policy.config.identity.radius_accounting
-        try:
-            await self.identity.start()
-        except ConfigError as err:
-            log_problems("cannot start", err)
-            return False
-        except OSError as err:
-            assert radius is not None
-            log.error("%s", bind_error("for RADIUS accounting (udp)", format_endpoint(*radius.listen), err))
-            return False
-        if self.identity.radius_address is not None:
-            log.info("listening radius=%s (udp)", format_endpoint(*self.identity.radius_address))
         return True
 
     def _configure_querylog(self, policy: Policy) -> None:
@@ -200,15 +269,6 @@ class Daemon:
             current.reopen()  # after a SIGHUP from logrotate, write to the new file
         self.recorder.querylog = self.querylog
 
-    @staticmethod
-    def _audit(events: list[dict[str, object]]) -> None:
-        for event in events:
-            log.info("audit %s", json.dumps(event, separators=(",", ":")))
-
-    def tick(self) -> None:
-        """Every poll: record exemptions that started or expired (they do so with no reload)."""
-        self._audit(self.audit.tick(self.clock.now(), self.policy.version))
-
     def _cache_numbers(self) -> tuple[int, int, int, int]:
         cache = self.cache
         return len(cache), cache.hits, cache.misses, cache.evictions
@@ -219,26 +279,21 @@ class Daemon:
 
     def _sighup(self) -> None:
         # The query log follows logrotate whatever becomes of the reload (a broken config included).
+        self.reopen_querylog()
+        _spawn(self.reload("SIGHUP"))
+
+    def reopen_querylog(self) -> None:
         if self.querylog is not None:
             self.querylog.reopen()
-        _spawn(self.reload("SIGHUP"))
 
     async def reload(self, why: str) -> bool:
         """Load and compile the policy again; swap it in only if it is whole."""
         return await self.source.reload(why)
 
     def _rejected(self, err: ConfigError | Exception, why: str) -> None:
-        keeping = f"keeping policy {self.policy.version}"
-        # Metrics first: whoever reads the log line may scrape at once.
-        if isinstance(err, ConfigError):
-            first = err.problems[0]
-            self.stats.last_reload_error = (first.file, first.line, first.message)
-            self.stats.reloaded(False)
-            log_problems(f"reload ({why}) rejected, {keeping}", err)
-        else:
-            self.stats.last_reload_error = (str(self.source.config_path or ""), 0, f"internal error: {err}")
-            self.stats.reloaded(False)
-            log.error("reload (%s) failed, %s", why, keeping, exc_info=err)
+        super()._rejected(err, why)
+        if self.seat is not None:
+            self.seat.tell({"op": "rejected", "version": self.policy.version})
 
     def _loaded(self, policy: Policy, why: str, milliseconds: float) -> None:
         old = self.policy.config
@@ -249,11 +304,11 @@ class Daemon:
             self.upstreams = self.resolver.upstreams = upstreams
             # Answers from the old upstreams may differ: start the cache afresh.
             self.cache.clear()
-        self.cache.resize(new.dns.cache_size, cache_share(new.dns.cache_bytes))
+        self.cache.resize(*self._cache_bounds(new.dns))
         self.cache.stale_window = new.dns.serve_stale
-        if new.dns.listen != old.dns.listen or new.metrics.listen != old.metrics.listen:
-            log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
-        if new.identity != old.identity:
+        if self.seat is None:
+            warn_restart_needed(old, new)
+        if new.identity != old.identity and self.seat is None:
             log.warning("identity changed: restart blocker to apply (bindings, accounting and store keep running "
                         "as they started)")
         self.stats.prepare(policy.group_order, policy.lists.categories)
@@ -264,7 +319,23 @@ class Daemon:
         self.stats.reloaded(True)
         log.info("reloaded (%s) policy=%s in %.0f ms (lists %s, %d devices)", why, policy.version, milliseconds, lists,
                  len(policy.devices))
-        self._audit(self.audit.update(new.policy.exemptions, self.clock.now(), policy.version))
+        if self.seat is None:
+            self._audit(self.audit.update(new.policy.exemptions, self.clock.now(), policy.version))
+        else:
+            self.seat.tell({"op": "loaded", "version": policy.version})
+
+
+def warn_no_upstreams(config: Config) -> None:
+    if not config.dns.upstreams:
+        log.warning("no upstream servers configured or found in /etc/resolv.conf: allowed names will get SERVFAIL")
+
+
+def warn_restart_needed(old: Config, new: Config) -> None:
+    """Settings a reload cannot apply: the sockets and processes are made once, at start."""
+    if new.dns.listen != old.dns.listen or new.metrics.listen != old.metrics.listen:
+        log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
+    if new.dns.workers != old.dns.workers:
+        log.warning("dns.workers changed (%d -> %d): restart blocker to apply", old.dns.workers, new.dns.workers)
 
 
 _background: set[asyncio.Future[Any]] = set()
@@ -300,7 +371,10 @@ def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 
 def serve(config_path: Path | None) -> int:
-    """Run the resolver until SIGTERM/SIGINT; exit code 0 on a clean stop, 2 on a startup error."""
+    """Run the resolver until SIGTERM/SIGINT; exit code 0 on a clean stop, 2 on a startup error.
+
+    With `dns.workers` above 1 this process becomes the supervisor of that many resolver processes.
+    """
     setup_logging()
     try:
         policy = PolicySource.load(config_path)
@@ -308,9 +382,15 @@ def serve(config_path: Path | None) -> int:
         log_problems("cannot start", err)
         return 2
     settle_heap()
-    runner = event_loop_runner()
     for warning in policy.warnings:
         log.warning("%s", warning)
+    if policy.config.dns.workers > 1:
+        from blocker.workers import Supervisor
+
+        # The supervisor forks its workers from its running loop: the stock loop keeps no state a
+        # child could trip on (libuv's thread pool is not fork-safe); every worker runs on uvloop.
+        return asyncio.run(Supervisor(config_path, policy).run())
+    runner = event_loop_runner()
 
     async def main() -> int:
         return await Daemon(config_path, policy).run()

@@ -111,7 +111,8 @@ class PolicyMemo:
         self.bindings = bindings
         self.answers = BlockAnswers(policy)
         self.clients: dict[tuple[str, bytes | None], Client] = {}
-        budget = policy.config.dns.cache_bytes // MEMO_SHARE
+        # With dns.workers, each worker process holds its share of the server's bound.
+        budget = policy.config.dns.cache_bytes // MEMO_SHARE // policy.config.dns.workers
         self.categories = BoundedTable(MEMO_LIMIT, budget // CATEGORIES_SHARE, _category_size)
         self.decisions: dict[tuple[str, frozenset[str], bool], Decision] = {}
         # Source address -> client, only for clients whose answers `replies` may hold.

@@ -144,7 +144,10 @@ class QueryLog:
         done = 0
         try:
             while done < len(pending):
-                done += os.write(self._fd, view[done:done + _CHUNK])
+                # Each write ends at a line's end: several worker processes append to one file
+                # (O_APPEND), and whole-line writes never interleave mid-line.
+                end = pending.rfind(b"\n", done, done + _CHUNK) + 1 or done + _CHUNK
+                done += os.write(self._fd, view[done:end])
         finally:
             view.release()
             if done:

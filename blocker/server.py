@@ -478,6 +478,19 @@ class Listeners:
             return host, actual
         raise OSError(errno.EADDRINUSE, "no free port for UDP and TCP together")
 
+    async def adopt(self, udp_sock: socket.socket, tcp_sock: socket.socket) -> tuple[str, int]:
+        """Serve on sockets made by someone else (a worker's share of a SO_REUSEPORT group)."""
+        loop = asyncio.get_running_loop()
+        udp_sock.setblocking(False)
+        udp = UdpListener(self.resolver, self.tasks, udp_sock)
+        server = await asyncio.start_server(self.tcp_listener.serve, sock=tcp_sock, backlog=1024)
+        udp.start(loop)
+        self.udp.append(udp)
+        self.tcp.append(server)
+        host, port = udp_sock.getsockname()[:2]
+        self.bound.append((host, port))
+        return host, port
+
     async def close(self, drain_seconds: float) -> None:
         """Stop accepting and reading, let answers in flight be written (up to a deadline), close."""
         tcp = self.tcp_listener
@@ -512,3 +525,56 @@ async def _udp_socket(loop: asyncio.AbstractEventLoop, host: str, port: int, fam
         sock.close()
         raise
     return sock
+
+
+def shared_port(host: str, port: int) -> int:
+    """Check that UDP and TCP `port` on `host` are free (port 0: find a port free for both); raises OSError.
+
+    The check binds without SO_REUSEPORT, so a port that another process holds, with or without
+    that option, is refused here instead of being silently shared with it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _attempt in range(20 if port == 0 else 1):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            udp.bind((host, port))
+            actual = udp.getsockname()[1]
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of a previous run
+            try:
+                tcp.bind((host, actual))
+            except OSError as err:
+                if port == 0 and err.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            return actual
+        finally:
+            udp.close()
+            tcp.close()
+    raise OSError(errno.EADDRINUSE, "no free port for UDP and TCP together")
+
+
+def reuseport_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """A bound UDP socket and a listening TCP socket on host:port with SO_REUSEPORT: one worker's share.
+
+    The kernel spreads queries (by source address and port) and connections over every socket of
+    the group; a socket closed with its worker leaves the group at once.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    made: list[socket.socket] = []
+    try:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind)
+            made.append(sock)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.setblocking(False)
+        made[1].listen(1024)
+    except OSError:
+        for sock in made:
+            sock.close()
+        raise
+    return made[0], made[1]

@@ -34,12 +34,15 @@ class PolicySource:
 
     def __init__(self, config_path: Path | None, policy: Policy,
                  on_loaded: Callable[[Policy, str, float], None],
-                 on_rejected: Callable[[ConfigError | Exception, str], None]) -> None:
+                 on_rejected: Callable[[ConfigError | Exception, str], None],
+                 signature: Signature | None = None) -> None:
+        """`signature`: the files' signature when `policy` was read, if that was before now (a
+        forked worker), so a file changed since is seen as changed."""
         self.config_path = config_path
         self.policy = policy
         self._on_loaded = on_loaded
         self._on_rejected = on_rejected
-        self._signature = file_signature(policy, config_path)
+        self._signature = signature if signature is not None else file_signature(policy, config_path)
         self._running: asyncio.Task[bool] | None = None
         self._again = False
         self._closed = False
@@ -48,6 +51,11 @@ class PolicySource:
     def load(config_path: Path | None) -> Policy:
         """The first load, synchronous (before anything serves); raises ConfigError."""
         return load_policy(config_path)
+
+    @property
+    def signature(self) -> Signature:
+        """The files' signature when the running policy was read."""
+        return self._signature
 
     def changed(self) -> bool:
         """Whether any file of the policy changed since it was last read."""

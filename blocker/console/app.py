@@ -750,7 +750,7 @@ def start_console(daemon: Any, settings: ConsoleConfig) -> ConsoleServer | None:
                             f"{error[0]}:{error[1]}: {error[2]}" if error else None)
 
     try:
-        server = ConsoleServer(settings, Runtime(lambda: daemon.resolver.policy, status, daemon.source.config_path))
+        server = ConsoleServer(settings, Runtime(lambda: daemon.policy, status, daemon.source.config_path))
     except BlockerError as err:
         log.error("cannot start the console: %s", err)
         return None
