@@ -89,7 +89,8 @@ class Datagrams:
         self.ipv6 = sock.family == socket.AF_INET6
         name_len = NAME_SIZE if self.ipv6 else 16
         spill = DATAGRAM_MAX - HEAD
-        self._area = mmap.mmap(-1, BATCH * (HEAD + spill))
+        # Private: a worker forked with this listener must never read into its parent's pages.
+        self._area = mmap.mmap(-1, BATCH * (HEAD + spill), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._area))
         self._names = (ctypes.c_char * (BATCH * NAME_SIZE))()
         self.names_base = ctypes.addressof(self._names)
