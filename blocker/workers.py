@@ -29,7 +29,8 @@ Metrics: every worker serves its registry on a private port on 127.0.0.1; a scra
 endpoint reads each of them and sums what is the same series (counters, histograms and gauges:
 cache bytes, connections…; process start time is the oldest, max fds the largest), adds what only the
 supervisor knows (policy, reloads, bindings, build) and per-worker series (`blocker_worker_*`).
-The counters of a worker that died are kept at their last scraped value, so a sum never goes down.
+The counters of a worker that died, or could not be read, are kept at their last read value (read
+every 5 s), so a sum never goes down; what a worker counted after that read and before it died is lost.
 prometheus-client's multiprocess mode was not used: it supports neither custom collectors (every
 blocker_* family is one, read from plain integers that the hot path adds to) nor the process
 collector, and it writes each increment to a memory-mapped file under a lock.
