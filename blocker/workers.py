@@ -698,6 +698,22 @@ def worker_families(supervisor: Supervisor, scraped: list[tuple[Worker, list[Met
         policies.add_metric([str(worker.index)], {"version": worker.version})
     yield queries
     yield policies
+    pids = [os.getpid(), *(w.pid for w in list(supervisor.workers.values()))]
+    yield GaugeMetricFamily("blocker_workers_memory_pss_bytes", "Memory of the supervisor and its workers "
+                            "together, pages shared copy-on-write counted once (Linux Pss; process_resident_"
+                            "memory_bytes sums each process's own and counts shared pages once per process).",
+                            value=sum(proportional_memory(pid) for pid in pids))
+
+
+def proportional_memory(pid: int) -> int:
+    """A process's Pss in bytes (0 where /proc/PID/smaps_rollup cannot be read)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def stop_with_parent() -> None:

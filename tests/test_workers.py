@@ -99,6 +99,9 @@ def test_both_workers_answer_and_the_counters_sum(served: Blocker) -> None:
     assert metric_value(text, "blocker_dns_cache_max_bytes") > 0
     assert metric_value(text, "blocker_worker_up", {"worker": "0"}) == 1
     assert metric_value(text, "blocker_worker_up", {"worker": "1"}) == 1
+    # The lists are shared copy-on-write: the three processes' Pss is below the sum of their RSS.
+    pss = metric_value(text, "blocker_workers_memory_pss_bytes")
+    assert 0 < pss < metric_value(text, "process_resident_memory_bytes")
     # One series per family: the supervisor's own (policy, build) are not doubled by the workers'.
     assert text.count("\nblocker_build_info{") == 1
     assert text.count("\nblocker_policy_info{") == 1
