@@ -519,6 +519,9 @@ async def _udp_socket(loop: asyncio.AbstractEventLoop, host: str, port: int, fam
     family, kind, proto, _name, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
+        if family == socket.AF_INET6:
+            # IPv6 only, as asyncio makes the TCP socket: "[::]" beside "0.0.0.0" must not collide.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setblocking(False)
         sock.bind(address)
     except OSError:
