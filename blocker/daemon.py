@@ -148,7 +148,8 @@ class Daemon(PolicyOwner):
             bindings = self.identity.table if self.identity else None
         else:
             self.identity, bindings = None, seat.bindings
-        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock, bindings)
+        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock, bindings,
+                                 seat.count if seat is not None else 1)
         # Exported (at zero) even when identity is off: dashboards and alerts see a series, not a gap.
         self._identity_metrics = IdentityCollector(self.identity or IdentityService(identity, self.clock.time))
         self.listeners = Listeners(self.resolver)

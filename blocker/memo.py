@@ -106,13 +106,13 @@ class PolicyMemo:
 
     __slots__ = ("answers", "bindings", "categories", "clients", "decisions", "memo_clients", "policy", "replies")
 
-    def __init__(self, policy: Policy, bindings: BindingTable | None = None) -> None:
+    def __init__(self, policy: Policy, bindings: BindingTable | None = None, share: int = 1) -> None:
+        """`share`: the processes the server's bound is shared by (its running workers)."""
         self.policy = policy
         self.bindings = bindings
         self.answers = BlockAnswers(policy)
         self.clients: dict[tuple[str, bytes | None], Client] = {}
-        # With dns.workers, each worker process holds its share of the server's bound.
-        budget = policy.config.dns.cache_bytes // MEMO_SHARE // policy.config.dns.workers
+        budget = policy.config.dns.cache_bytes // MEMO_SHARE // share
         self.categories = BoundedTable(MEMO_LIMIT, budget // CATEGORIES_SHARE, _category_size)
         self.decisions: dict[tuple[str, frozenset[str], bool], Decision] = {}
         # Source address -> client, only for clients whose answers `replies` may hold.

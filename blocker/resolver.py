@@ -66,14 +66,16 @@ class Resolver:
     """Answers queries under the current policy; shared by the UDP and TCP listeners."""
 
     def __init__(self, policy: Policy, cache: AnswerCache, upstreams: Upstreams, recorder: Recorder,
-                 clock: Clock | None = None, bindings: BindingTable | None = None) -> None:
+                 clock: Clock | None = None, bindings: BindingTable | None = None, share: int = 1) -> None:
+        """`share`: worker processes the server's memory bounds are divided among (dns.workers as started)."""
+        self.share = share
         self.cache = cache
         self.bindings = bindings
         self.upstreams = upstreams
         self.recorder = recorder
         self.stats = recorder.stats  # for the listeners' own counters (TCP connections)
         self.clock = clock or recorder.clock
-        self.memo = PolicyMemo(policy, bindings)
+        self.memo = PolicyMemo(policy, bindings, share)
         recorder.version = policy.version
         self.limiter: RateLimiter | None = None
         self.outstanding = Outstanding(0)
@@ -93,7 +95,7 @@ class Resolver:
 
     def swap(self, policy: Policy) -> None:
         """Install a new policy; queries already past `identify` finish on the old one."""
-        self.memo = PolicyMemo(policy, self.bindings)
+        self.memo = PolicyMemo(policy, self.bindings, self.share)
         self.recorder.version = policy.version
         self._configure_limits(policy)
 

@@ -24,6 +24,7 @@ from conftest import standard_config
 from helpers import ROOT, Blocker, Knot, eventually, metric_value, require_tool
 from radius_tools import SECRET, radclient
 
+from blocker.cache import DEFAULT_BYTES, MEMO_SHARE
 from blocker.server import reuseport_pair
 
 QUERIES = 60  # from as many random source ports: both workers get some (chance of not: 2**-59)
@@ -95,8 +96,9 @@ def test_both_workers_answer_and_the_counters_sum(served: Blocker) -> None:
     blocked = metric_sum(text, "blocker_dns_blocked_total", {"category": "tiktok"}) \
         - metric_sum(before, "blocker_dns_blocked_total", {"category": "tiktok"})
     assert blocked == QUERIES
-    # Each worker holds half of the server's cache bound; the merged gauge is the configured bound.
-    assert metric_value(text, "blocker_dns_cache_max_bytes") > 0
+    # Each worker holds half of the server's bounds; the merged gauges are the configured bounds.
+    assert metric_value(text, "blocker_dns_memo_max_bytes") == DEFAULT_BYTES // MEMO_SHARE
+    assert metric_value(text, "blocker_dns_cache_max_bytes") == DEFAULT_BYTES - DEFAULT_BYTES // MEMO_SHARE
     assert metric_value(text, "blocker_worker_up", {"worker": "0"}) == 1
     assert metric_value(text, "blocker_worker_up", {"worker": "1"}) == 1
     # The lists are shared copy-on-write: the three processes' Pss is below the sum of their RSS.
