@@ -66,6 +66,7 @@ def load_blocklists(folder: Path) -> Blocklists:
         if source.category not in {s.category for s in index.lookup(parent).sources if s.allow == source.allow}:
             notes.add(source.file, source.line, f"'{rule}' does not cover '{parent}' itself; the rule "
                                                 f"'{parent}' covers both")
+    index.compact()
     return Blocklists(categories, index, tuple(files), folder, notes.finish())
 
 

@@ -132,6 +132,7 @@ class Daemon(PolicyOwner):
                  seat: WorkerSeat | None = None) -> None:
         self.clock = clock or Clock()
         self.seat = seat
+        self.started_with = policy.config  # what a reload cannot change (sockets, processes) was made from this
         self.gc_pauses = GcPauses()  # times collections and freezes their survivors while running
         self.stats = Stats()
         self.stats.prepare(policy.group_order, policy.lists.categories)
@@ -146,7 +147,8 @@ class Daemon(PolicyOwner):
             bindings = self.identity.table if self.identity else None
         else:
             self.identity, bindings = None, seat.bindings
-        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock, bindings)
+        self.resolver = Resolver(policy, self.cache, self.upstreams, self.recorder, self.clock, bindings,
+                                 seat.count if seat is not None else 1)
         # Exported (at zero) even when identity is off: dashboards and alerts see a series, not a gap.
         self._identity_metrics = IdentityCollector(self.identity or IdentityService(identity, self.clock.time))
         self.listeners = Listeners(self.resolver)
@@ -181,7 +183,9 @@ class Daemon(PolicyOwner):
                 self.ops.stop()
             return 2
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        # A worker's reloads come from its supervisor (one at a time, all to one version); a SIGHUP sent
+        # to the whole process group (logrotate's killall -HUP) only reopens its query log.
+        loop.add_signal_handler(signal.SIGHUP, self._sighup if self.seat is None else self.reopen_querylog)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         self.stats.reloaded(True)
@@ -295,7 +299,6 @@ class Daemon(PolicyOwner):
             self.seat.tell({"op": "rejected", "version": self.policy.version})
 
     def _loaded(self, policy: Policy, why: str, milliseconds: float) -> None:
-        old = self.policy.config
         new = policy.config
         lists = "reused" if policy.lists is self.policy.lists else "reloaded"
         upstreams = follow_config(self.upstreams, new.dns, self.stats)
@@ -306,8 +309,8 @@ class Daemon(PolicyOwner):
         self.cache.resize(*self._cache_bounds(new.dns))
         self.cache.stale_window = new.dns.serve_stale
         if self.seat is None:
-            warn_restart_needed(old, new)
-        if new.identity != old.identity and self.seat is None:
+            warn_restart_needed(self.started_with, new)
+        if new.identity != self.started_with.identity and self.seat is None:
             log.warning("identity changed: restart blocker to apply (bindings, accounting and store keep running "
                         "as they started)")
         self.stats.prepare(policy.group_order, policy.lists.categories)
@@ -328,12 +331,13 @@ def warn_no_upstreams(config: Config) -> None:
         log.warning("no upstream servers configured or found in /etc/resolv.conf: allowed names will get SERVFAIL")
 
 
-def warn_restart_needed(old: Config, new: Config) -> None:
-    """Settings a reload cannot apply: the sockets and processes are made once, at start."""
-    if new.dns.listen != old.dns.listen or new.metrics.listen != old.metrics.listen:
-        log.warning("dns.listen or metrics.listen changed: restart blocker to apply")
-    if new.dns.workers != old.dns.workers:
-        log.warning("dns.workers changed (%d -> %d): restart blocker to apply", old.dns.workers, new.dns.workers)
+def warn_restart_needed(running: Config, new: Config) -> None:
+    """Settings a reload cannot apply (the sockets and processes are made once, at start): warned on
+    every reload while the file differs from what runs."""
+    if new.dns.listen != running.dns.listen or new.metrics.listen != running.metrics.listen:
+        log.warning("dns.listen or metrics.listen differ from what runs: restart blocker to apply")
+    if new.dns.workers != running.dns.workers:
+        log.warning("dns.workers is %d, %d run: restart blocker to apply", new.dns.workers, running.dns.workers)
 
 
 _background: set[asyncio.Future[Any]] = set()

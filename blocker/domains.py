@@ -10,8 +10,10 @@ lookup walks the name's suffixes, so its cost depends on the name, not on the nu
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from array import array
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
 from types import MappingProxyType
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
@@ -122,6 +124,83 @@ class _Pattern:
     text: str
 
 
+class CompactNames:
+    """A read-only set of ASCII names (bytes) in flat buffers, for the plain names of a list file.
+
+    A set of bytes costs a slot and an object per name, about 100 bytes; here a name costs its
+    characters and a newline in one bytes blob, and 16 bytes of an open-addressing table (two 4-byte
+    arrays of twice as many slots as names): under 40 bytes a name, and nothing for the garbage
+    collector to walk. A slot holds where a name starts in the blob and 32 bits of its hash above
+    the slot index (most other names are told apart by them alone); a match is checked on the bytes.
+    """
+
+    __slots__ = ("_blob", "_count", "_filter", "_filter_mask", "_mask", "_starts", "_tags")
+
+    def __init__(self, names: Collection[bytes]) -> None:
+        self._count = len(names)
+        size = 1 << max(3, (2 * self._count).bit_length())
+        self._mask = mask = size - 1
+        self._blob = b"\n".join(names) + b"\n"
+        tags = self._tags = array("I", bytes(4 * size))
+        starts = self._starts = array("I", bytes(4 * size))
+        # A byte per 4 slots' worth of hash values, set where a name's hash falls: a lookup of a name
+        # not held (most lookups: every suffix of every name asked) ends there 9 times in 10.
+        seen = self._filter = bytearray(4 * size)
+        self._filter_mask = filter_mask = 4 * size - 1
+        # 1-based: 0 marks an empty slot.
+        for code, start in zip(map(hash, names), accumulate(map((1).__add__, map(len, names)), initial=1),
+                               strict=False):
+            tag = code >> 32 & 0xFFFFFFFF
+            seen[tag & filter_mask] = 1
+            slot = code & mask
+            while starts[slot]:
+                slot = (slot + 1) & mask
+            starts[slot] = start
+            tags[slot] = tag
+
+    def deepest(self, name: bytes) -> int:
+        """The length of the longest suffix of `name` (itself, or from after one of its dots) held
+        here, or 0: one call per name, the probe written out, for a lookup walking every suffix."""
+        mask, starts, tags, blob = self._mask, self._starts, self._tags, self._blob
+        seen, filter_mask = self._filter, self._filter_mask
+        begin = 0
+        while True:
+            suffix = name[begin:] if begin else name
+            code = hash(suffix)
+            tag = code >> 32 & 0xFFFFFFFF
+            slot = code & mask if seen[tag & filter_mask] else -1
+            while slot >= 0:
+                start = starts[slot]
+                if not start:
+                    break
+                if tags[slot] == tag and blob.startswith(suffix, start - 1) and blob[start - 1 + len(suffix)] == 10:
+                    return len(suffix)
+                slot = (slot + 1) & mask
+            begin = name.find(b".", begin) + 1
+            if not begin:
+                return 0
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, bytes) and bool(name) and self.deepest(name) == len(name)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._blob.split(b"\n")[:-1])
+
+
+def _deepest(names: set[bytes], name: bytes) -> int:
+    """CompactNames.deepest for a set (a bulk list still loading)."""
+    start = 0
+    while True:
+        if name[start:] in names:
+            return len(name) - start
+        start = name.find(b".", start) + 1
+        if not start:
+            return 0
+
+
 NO_MATCH = Match(frozenset(), False, "", 0, ())
 _EMPTY: frozenset[str] = frozenset()
 
@@ -130,9 +209,14 @@ class RuleIndex:
     """Every rule of every category, compiled for lookups that do not grow with the rule count."""
 
     def __init__(self) -> None:
-        # Fixed rules by name. Values are shared entries: many rules of one list point to one entry,
-        # which keeps a million-name list small in memory (the line is kept per rule in `_lines`).
+        # Fixed rules by name. Values are shared entries: many rules of one list point to one entry
+        # (the line is kept per rule in `_lines`).
         self._exact: dict[str, RuleEntry] = {}
+        # The plain names of included list files, one set per shared entry (file), as ASCII bytes,
+        # made CompactNames once every list is loaded (`compact`): a million-name list then costs
+        # under 40 MB, where a dict of str cost 110 (bench/bench.py). A name is in `_exact` or in
+        # one bulk set, never in two: a name listed again elsewhere moves to `_exact` (merged entry).
+        self._bulk: list[tuple[set[bytes] | CompactNames, RuleEntry]] = []
         self._lines: dict[str, int] = {}
         self._patterns: dict[str, list[_Pattern]] = {}
         self._shared: dict[tuple[str, str, bool], RuleEntry] = {}
@@ -146,6 +230,8 @@ class RuleIndex:
         if "*" in rule:
             return self._add_pattern(rule, source)
         current = self._exact.get(rule)
+        if current is None and self._bulk:
+            current = self._unbulk(rule)
         if current is not None and any(s.category == source.category and s.allow == source.allow
                                        for s in current.sources):
             return False  # a duplicate (for `validate`): nothing to add
@@ -161,38 +247,83 @@ class RuleIndex:
         self._lines.pop(rule, None)
         return True
 
+    def _unbulk(self, rule: str) -> RuleEntry | None:
+        """Move a name out of its bulk set into `_exact` (it is about to get a second rule)."""
+        if not rule.isascii():
+            return None
+        key = rule.encode("ascii")
+        for position, (names, entry) in enumerate(self._bulk):
+            if key in names:
+                if isinstance(names, CompactNames):  # a rule added after `compact`: rare, so simple
+                    names = set(names)
+                    self._bulk[position] = (names, entry)
+                names.discard(key)
+                self._exact[rule] = entry
+                return entry
+        return None
+
+    def compact(self) -> None:
+        """Every rule is in: store the bulk names compactly (see CompactNames)."""
+        self._bulk = [(names if isinstance(names, CompactNames) else CompactNames(names), entry)
+                      for names, entry in self._bulk if names]
+
     def add_names(self, names: list[str], source: RuleSource) -> list[int]:
         """Add many plain normalised names of one list file at once, without their lines.
 
-        The same as `add(name, source, keep_line=False)` for each in turn, but with the dictionary
-        work done in C: a million-name list loads in a fraction of the time. Returns the positions
-        in `names` of the duplicates (where `add` would have returned False), in order.
+        The same as `add(name, source, keep_line=False)` for each in turn, but with the set work
+        done in C: a million-name list loads in a fraction of the time. Returns the positions in
+        `names` of the duplicates (where `add` would have returned False), in order.
         """
-        exact = self._exact
-        fresh = dict.fromkeys(names, self._shared_entry(source))
+        entry = self._shared_entry(source)
+        position = next((i for i, (_names, shared) in enumerate(self._bulk) if shared is entry), None)
+        if position is None:
+            bulk: set[bytes] = set()
+            self._bulk.append((bulk, entry))
+        else:
+            found = self._bulk[position][0]
+            bulk = found if isinstance(found, set) else set(found)
+            self._bulk[position] = (bulk, entry)
+        # Plain names are ASCII (all_valid_names): one join, one encode and one split make the bytes.
+        keys = "\n".join(names).encode("ascii").split(b"\n") if names else []
+        fresh = set(keys)
         duplicates: list[int] = []
-        if len(fresh) != len(names):  # a name twice in this batch: the later ones are duplicates
-            seen: set[str] = set()
-            for position, name in enumerate(names):
-                if name in seen:
+        if len(fresh) != len(keys):  # a name twice in this batch: the later ones are duplicates
+            seen: set[bytes] = set()
+            for position, key in enumerate(keys):
+                if key in seen:
                     duplicates.append(position)
                 else:
-                    seen.add(name)
-        clashes = [] if exact.keys().isdisjoint(fresh) else [name for name in fresh if name in exact]
-        for name in clashes:
-            del fresh[name]
-        exact.update(fresh)
+                    seen.add(key)
+        # Names this file listed before, in an earlier batch: duplicates too.
+        again = fresh & bulk if bulk else set()
+        if again:
+            fresh -= again
+            first_again: set[bytes] = set()
+            for position, key in enumerate(keys):
+                if key in again and key not in first_again:
+                    first_again.add(key)
+                    duplicates.append(position)
+        # Names with a rule elsewhere (a category's own list, another file): the merging path, one by one.
+        exact = self._exact
+        if len(exact) < len(fresh):
+            clashes = {key for key in map(str.encode, exact) if key in fresh}
+        else:
+            clashes = {key for key in fresh if key.decode("ascii") in exact}
+        for other, _entry in self._bulk:
+            if other is not bulk:
+                clashes |= {key for key in fresh if key in other} if isinstance(other, CompactNames) else other & fresh
+        fresh -= clashes
+        bulk |= fresh
         self.rule_count += len(fresh)
         if clashes:
-            pending = set(clashes)
-            first: dict[str, int] = {}
-            for position, name in enumerate(names):
-                if name in pending and name not in first:
-                    first[name] = position
-            for name in clashes:
-                if not self.add(name, source, keep_line=False):
-                    duplicates.append(first[name])
-            duplicates.sort()
+            first: dict[bytes, int] = {}
+            for position, key in enumerate(keys):
+                if key in clashes and key not in first:
+                    first[key] = position
+            for key in clashes:
+                if not self.add(key.decode("ascii"), source, keep_line=False):
+                    duplicates.append(first[key])
+        duplicates.sort()
         return duplicates
 
     def _shared_entry(self, source: RuleSource) -> RuleEntry:
@@ -255,6 +386,14 @@ class RuleIndex:
     def _find(self, name: str) -> tuple[RuleEntry | None, str, int]:
         exact = self._exact
         patterns = self._patterns
+        # The deepest bulk rule, found first: one call per bulk file rather than a probe per suffix.
+        bulk_length, bulk_entry = 0, None
+        if self._bulk:
+            key = name.encode("latin-1", "replace")  # a wire name is latin-1: a byte per character
+            for names, shared in self._bulk:
+                found = names.deepest(key) if isinstance(names, CompactNames) else _deepest(names, key)
+                if found > bulk_length:
+                    bulk_length, bulk_entry = found, shared
         labels_total = name.count(".") + 1
         best: RuleEntry | None = None
         best_rule = ""
@@ -265,6 +404,8 @@ class RuleIndex:
         while True:
             if best is None or best_key[1] == 0:
                 entry = exact.get(suffix)
+                if entry is None and len(suffix) == bulk_length:
+                    entry = bulk_entry
                 if entry is not None and (depth, 1) > best_key:
                     best, best_rule, best_key = entry, suffix, (depth, 1)
             if patterns:
@@ -303,11 +444,23 @@ class RuleIndex:
 
     def exact_rules(self) -> Mapping[str, RuleEntry]:
         """The fixed rules by name, read-only (`blocker diff` compares two indexes' key sets)."""
-        return MappingProxyType(self._exact)
+        if not any(names for names, _entry in self._bulk):
+            return MappingProxyType(self._exact)
+        rules = dict(self._exact)
+        for names, entry in self._bulk:
+            rules.update(dict.fromkeys(b"\n".join(names).decode("ascii").split("\n"), entry) if names else {})
+        return MappingProxyType(rules)
+
+    def _entry(self, rule: str) -> RuleEntry | None:
+        entry = self._exact.get(rule)
+        if entry is None and self._bulk and rule.isascii():
+            key = rule.encode("ascii")
+            entry = next((shared for names, shared in self._bulk if key in names), None)
+        return entry
 
     def sources(self, rule: str) -> list[RuleSource]:
         """Where a fixed rule is written (line 0 when a bulk list did not keep it: `find_line`)."""
-        entry = self._exact.get(rule)
+        entry = self._entry(rule)
         return self._sources_of(rule, entry) if entry is not None else []
 
     def pattern_rules(self) -> Iterator[tuple[str, RuleSource]]:
@@ -323,6 +476,9 @@ class RuleIndex:
         for entry in self._exact.values():
             for src in entry.sources:
                 sizes[src.category] = sizes.get(src.category, 0) + 1
+        for names, entry in self._bulk:
+            for src in entry.sources:
+                sizes[src.category] = sizes.get(src.category, 0) + len(names)
         for bucket in self._patterns.values():
             for pattern in bucket:
                 for src in pattern.entry.sources:

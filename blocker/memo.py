@@ -10,11 +10,12 @@ reload, so nothing in it can outlive the policy it was derived from. It holds:
 - decisions: (group, categories, canary) -> decision, for clients without exemptions, whose
   decision then depends on nothing else, not even the time;
 - answers: (transport, group, query bytes after the ID) -> the finished answer, for clients whose
-  answer depends on their group alone (allowed, not a trusted forwarder, no exemption). A hit
-  answers without parsing or deciding again. An answer is kept once its name is asked a second
-  time (the name is then in `categories`), not the first: most names of the long tail are asked
-  once, and remembering each of them cost an object per query and the garbage collector's time
-  walking them all (bench/hotpath.py).
+  answer depends on their group alone (allowed, not a trusted forwarder, no exemption), found
+  through `memo_clients` (source address -> such a client). A hit answers without parsing or
+  deciding again (`Resolver.handle` looks it up itself: it is most queries). An answer is kept
+  once its name is asked a second time (the name is then in `categories`), not the first: most
+  names of the long tail are asked once, and remembering each of them cost an object per query
+  and the garbage collector's time walking them all (bench/hotpath.py).
 
 Each table is bounded, and the two that grow with the names asked (categories, answers) in bytes
 too: together at most `dns.cache_bytes / MEMO_SHARE`. A full table drops its oldest entries one
@@ -105,13 +106,13 @@ class PolicyMemo:
 
     __slots__ = ("answers", "bindings", "categories", "clients", "decisions", "memo_clients", "policy", "replies")
 
-    def __init__(self, policy: Policy, bindings: BindingTable | None = None) -> None:
+    def __init__(self, policy: Policy, bindings: BindingTable | None = None, share: int = 1) -> None:
+        """`share`: the processes the server's bound is shared by (its running workers)."""
         self.policy = policy
         self.bindings = bindings
         self.answers = BlockAnswers(policy)
         self.clients: dict[tuple[str, bytes | None], Client] = {}
-        # With dns.workers, each worker process holds its share of the server's bound.
-        budget = policy.config.dns.cache_bytes // MEMO_SHARE // policy.config.dns.workers
+        budget = policy.config.dns.cache_bytes // MEMO_SHARE // share
         self.categories = BoundedTable(MEMO_LIMIT, budget // CATEGORIES_SHARE, _category_size)
         self.decisions: dict[tuple[str, frozenset[str], bool], Decision] = {}
         # Source address -> client, only for clients whose answers `replies` may hold.
@@ -126,19 +127,6 @@ class PolicyMemo:
     @property
     def max_bytes(self) -> int:
         return self.categories.max_bytes + self.replies.max_bytes
-
-    def lookup(self, data: bytes, address: str, transport: str,
-               monotonic: Callable[[], float]) -> tuple[Client, MemoHit] | None:
-        """A remembered answer to these exact query bytes from this source, if one is still valid.
-
-        The clock is read only for answers that expire (not for blocked ones)."""
-        client = self.memo_clients.get(address)
-        if client is None:
-            return None
-        hit: MemoHit | None = self.replies.get((transport, client.group, data[2:]))
-        if hit is None or (hit.valid_until != FOREVER and hit.valid_until <= monotonic()):
-            return None
-        return client, hit
 
     def client(self, address: str, ecs: bytes | None) -> Client:
         """The client behind a source address (and ECS option), identified once per policy."""

@@ -17,10 +17,13 @@ import errno
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from blocker import datagrams
 from blocker.config import DnsConfig
+from blocker.datagrams import HEAD, Datagrams
 from blocker.resolver import Resolver
 
 log = logging.getLogger("blocker")
@@ -39,6 +42,8 @@ UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 UDP_MAX = 65535
 UDP_BATCH = 64  # datagrams read per wake-up before the loop runs anything else
 UDP_PENDING_MAX = 10_000  # answers waiting for a full send buffer; beyond, dropped as UDP would
+UDP_HOSTS_MAX = 100_000  # client address strings kept, formatted once each (cleared when full)
+_SEND_LATER = (errno.EAGAIN, errno.EWOULDBLOCK)
 _LENGTH = struct.Struct("!H")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -48,11 +53,15 @@ class UdpListener:
 
     A plain non-blocking socket read in a loop, not asyncio's DatagramProtocol: the stock loop's
     datagram transport reads one datagram per select() (about five times the CPU per query), and
-    even uvloop's costs more per datagram than a recvfrom loop (bench/). Answers that cannot be
+    even uvloop's costs more per datagram than a recvfrom loop (bench/). Where it can (Linux,
+    CPython: datagrams.py), a wake-up reads up to a batch with one recvmmsg and sends the answers
+    ready by then with one sendmmsg; elsewhere it reads datagram by datagram. Answers that cannot be
     sent at once (a full send buffer) wait in a bounded queue for the socket to be writable.
     """
 
-    def __init__(self, resolver: Resolver, tasks: set[asyncio.Task[Any]], sock: socket.socket) -> None:
+    def __init__(self, resolver: Resolver, tasks: set[asyncio.Task[Any]], sock: socket.socket,
+                 batched: bool | None = None) -> None:
+        """`batched`: whether to use recvmmsg/sendmmsg; by default, wherever they are available."""
         self.resolver = resolver
         self.tasks = tasks
         self.sock = sock
@@ -60,12 +69,86 @@ class UdpListener:
         self._pending: collections.deque[tuple[bytes, Any]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
+        if batched is None:
+            batched = datagrams.available()
+        self._batch = Datagrams(sock) if batched else None
+        self._hosts: dict[int | bytes, str] = {}  # a source address, as datagrams.py has it -> its text
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self.sock.fileno(), self._readable)
+        loop.add_reader(self.sock.fileno(), self._readable if self._batch is None else self._read_batch)
+
+    def _read_batch(self) -> None:
+        """Answer every datagram of one recvmmsg; those answered at once go out with one sendmmsg."""
+        batch = self._batch
+        assert batch is not None
+        try:
+            received = batch.receive()
+        except OSError:
+            return  # e.g. an ICMP error for an answer sent earlier: reported once; still readable if more wait
+        if received is None:
+            return
+        sizes, heads, sources = received
+        count = len(sizes)
+        handle = self.resolver.handle
+        hosts = self._hosts
+        send_iov, data_offset = batch.send_iov, datagrams.BYTES_DATA
+        assert data_offset is not None
+        replies: list[bytes] = []  # alive until sent: the kernel reads them in place
+        redirected = False
+        start = 0
+        for i in range(count):
+            size = sizes[i]
+            data = heads[start:start + size] if size <= HEAD else heads[start:start + HEAD] + batch.spilled(i, size)
+            start += HEAD
+            host = hosts.get(sources[i])
+            if host is None:
+                host = self._host(sources[i])
+            result = handle(data, host, "udp")
+            if result is None:
+                continue
+            if result.__class__ is bytes:
+                slot = len(replies)
+                if slot != i:  # an earlier datagram got no answer yet: send slot `slot` answers datagram i
+                    batch.redirect(slot, i)
+                    redirected = True
+                replies.append(result)  # type: ignore[arg-type]
+                send_iov[2 * slot] = id(result) + data_offset
+                send_iov[2 * slot + 1] = len(result)  # type: ignore[arg-type]
+                continue
+            task = asyncio.ensure_future(self._finish(result, batch.address(i)))  # type: ignore[arg-type]
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        if replies:
+            self._send_batch(batch, replies)
+        if redirected:
+            batch.straighten(len(replies))
+
+    def _host(self, key: int | bytes) -> str:
+        if len(self._hosts) >= UDP_HOSTS_MAX:
+            self._hosts.clear()
+        if isinstance(key, int):
+            host = socket.inet_ntop(socket.AF_INET, key.to_bytes(4, sys.byteorder))
+        else:
+            host = socket.inet_ntop(socket.AF_INET6, key)
+        self._hosts[key] = host
+        return host
+
+    def _send_batch(self, batch: Datagrams, replies: list[bytes]) -> None:
+        count = len(replies)
+        sent = 0
+        if not self._pending:  # else answers already wait for the socket: these go after them
+            while sent < count:
+                done, error = batch.send(sent, count - sent)  # a short count: the next call says why
+                sent += done
+                if error in _SEND_LATER:
+                    break
+                if error and error != errno.EINTR:
+                    sent += 1  # this client's address is unreachable now: UDP drops the answer, so do we
+        for slot in range(sent, count):
+            self._queue(replies[slot], batch.address(batch.source(slot)))
 
     def _readable(self) -> None:
         receive = self.sock.recvfrom_into
@@ -436,6 +519,9 @@ async def _udp_socket(loop: asyncio.AbstractEventLoop, host: str, port: int, fam
     family, kind, proto, _name, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
+        if family == socket.AF_INET6:
+            # IPv6 only, as asyncio makes the TCP socket: "[::]" beside "0.0.0.0" must not collide.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setblocking(False)
         sock.bind(address)
     except OSError:

@@ -29,7 +29,8 @@ Metrics: every worker serves its registry on a private port on 127.0.0.1; a scra
 endpoint reads each of them and sums what is the same series (counters, histograms and gauges:
 cache bytes, connections…; process start time is the oldest, max fds the largest), adds what only the
 supervisor knows (policy, reloads, bindings, build) and per-worker series (`blocker_worker_*`).
-The counters of a worker that died are kept at their last scraped value, so a sum never goes down.
+The counters of a worker that died, or could not be read, are kept at their last read value (read
+every 5 s), so a sum never goes down; what a worker counted after that read and before it died is lost.
 prometheus-client's multiprocess mode was not used: it supports neither custom collectors (every
 blocker_* family is one, read from plain integers that the hot path adds to) nor the process
 collector, and it writes each increment to a memory-mapped file under a lock.
@@ -39,12 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import json
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -64,7 +67,6 @@ from prometheus_client.samples import Sample
 from blocker.audit import ExemptionAudit
 from blocker.bindings import Binding, BindingTable
 from blocker.clock import Clock
-from blocker.config import Config
 from blocker.daemon import (
     DRAIN_SECONDS,
     Daemon,
@@ -78,6 +80,7 @@ from blocker.daemon import (
 )
 from blocker.httpd import OpsServer
 from blocker.identity import IdentityCollector, IdentityService
+from blocker.logs import setup_logging
 from blocker.metrics import Stats, build_info, policy_families, reload_families
 from blocker.policy import Policy
 from blocker.server import reuseport_pair, shared_port
@@ -95,13 +98,16 @@ SCRAPE_TIMEOUT = 2.0
 PING_SECONDS = 1.0
 ROLL_TIMEOUT = 120.0  # seconds one worker may take to load a policy before the next one is told
 SILENCE_LIMIT = 5.0  # a serving worker that answers no ping for this long is killed (and restarted)
+START_LIMIT = 15.0  # a worker not serving this long after its fork is killed (and restarted)
+REFRESH_ROUNDS = 5  # pings between reads of the workers' counters
 # Families only the supervisor has the truth of; the workers' copies are not merged.
 SUPERVISOR_FAMILIES = ("blocker_config_", "blocker_policy", "blocker_blocklist_", "blocker_exemptions_",
                        "blocker_devices", "blocker_build", "blocker_bindings_", "blocker_radius_",
                        "blocker_binding_store_")
 LOWEST = {"process_start_time_seconds"}
-HIGHEST = {"process_max_fds"}
+HIGHEST = {"process_max_fds", "blocker_gc_pause_longest_seconds"}
 COUNTING = ("counter", "histogram", "summary")
+PR_SET_PDEATHSIG = 1
 
 
 def encode(message: dict[str, object]) -> bytes:
@@ -170,8 +176,10 @@ class Worker:
     version: str = ""
     loop: str = ""
     metrics_port: int = 0
-    heard: float = 0.0  # monotonic time of its last message
+    pinged: float = 0.0  # monotonic time of the oldest ping it has not answered (0: none)
+    killed: bool = False
     loading: asyncio.Future[None] | None = None  # set when it reports the reload it was told of
+    expected: str = ""  # the version it was told to load
     last_scrape: list[Metric] = field(default_factory=list)
 
     def send(self, data: bytes) -> None:
@@ -194,6 +202,7 @@ class Supervisor(PolicyOwner):
         self.clock = clock or Clock()
         self.config_path = config_path
         self._policy = policy
+        self.started_with = policy.config  # what a reload cannot change (sockets, processes) was made from this
         self.count = policy.config.dns.workers
         self.stats = Stats()
         self.source = PolicySource(config_path, policy, self._loaded, self._rejected)
@@ -202,6 +211,7 @@ class Supervisor(PolicyOwner):
         self.identity = IdentityService(identity, self.clock.time) if IdentityService.wanted(identity) else None
         self.identity_metrics = IdentityCollector(self.identity or IdentityService(identity, self.clock.time))
         self.workers: dict[int, Worker] = {}
+        self.retiring: dict[int, Worker] = {}  # by pid: replaced, draining until they exit
         self.restarts = dict.fromkeys(range(self.count), 0)
         self._pauses = dict.fromkeys(range(self.count), 0.0)
         self.endpoints: list[tuple[str, int]] = []
@@ -315,7 +325,16 @@ class Supervisor(PolicyOwner):
         ours, theirs = socket.socketpair()
         seat = WorkerSeat(index, self.count, theirs, sockets, self.identity.table if self.identity else None,
                           self.source.signature)
-        pid = os.fork()
+        # No thread may be writing a log line at the fork: the child would inherit the stream's lock held.
+        handlers = logging.getLogger("blocker").handlers
+        for handler in handlers:
+            handler.acquire()
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:  # in the child, logging's own fork hook gives every handler a new lock
+                for handler in handlers:
+                    handler.release()
         if pid == 0:
             self._become_worker(seat)
         theirs.close()
@@ -334,10 +353,14 @@ class Supervisor(PolicyOwner):
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
+            stop_with_parent()
             keep = {seat.control.fileno(), *(s.fileno() for pair in seat.sockets for s in pair)}
             close_inherited(keep)
             if seat.bindings is not None:
                 seat.bindings.listeners.clear()
+            # A stream object of its own: whatever lock another thread held in the old one stays behind.
+            sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+            setup_logging()
             name_worker_logs(seat.index)
             gc.freeze()  # what the supervisor built stays shared: the collector never touches it
             code = event_loop_runner()(Daemon(self.config_path, self.policy, seat=seat).run())
@@ -363,7 +386,8 @@ class Supervisor(PolicyOwner):
 
     def _heard(self, worker: Worker, message: dict[str, Any]) -> None:
         op = message.get("op")
-        worker.heard = time.monotonic()
+        if op == "pong":
+            worker.pinged = 0.0
         if op == "ready":
             worker.ready = True
             worker.metrics_port = int(message.get("metrics", 0))
@@ -371,15 +395,33 @@ class Supervisor(PolicyOwner):
             worker.loop = str(message.get("loop", ""))
             if self.ready:
                 log.info("worker %d (pid %d) serving again", worker.index, worker.pid)
+            for old in [w for w in self.retiring.values() if w.index == worker.index]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(old.pid, signal.SIGTERM)
             if worker.version != self.policy.version:  # the supervisor reloaded since its fork
-                worker.send(encode({"op": "reload", "why": "catching up"}))
+                self._tell_reload(worker, "catching up")
         elif op in ("loaded", "rejected"):
             worker.version = str(message.get("version", ""))
             if worker.loading is not None and not worker.loading.done():
                 worker.loading.set_result(None)
-            if worker.version != self.policy.version:
-                log.warning("worker %d runs policy %s, the supervisor %s (a file changed between their loads: "
-                            "the next poll reloads both)", worker.index, worker.version, self.policy.version)
+            if worker.version != worker.expected and worker.expected == self.policy.version:
+                # It read other files than the supervisor did (edited again, broken meanwhile) or could
+                # not load them: a fork of the supervisor runs exactly the policy it compiled.
+                log.warning("worker %d (pid %d) runs policy %s, not %s: replacing it with a fresh fork",
+                            worker.index, worker.pid, worker.version, worker.expected)
+                self._replace(worker)
+
+    def _tell_reload(self, worker: Worker, why: str) -> None:
+        worker.loading = asyncio.get_running_loop().create_future()
+        worker.expected = self.policy.version
+        worker.send(encode({"op": "reload", "why": why}))
+
+    def _replace(self, worker: Worker) -> None:
+        """Fork a new worker for this seat; the old one is told to stop once the new one serves."""
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        self.retiring[worker.pid] = worker
+        self._fork(worker.index)
 
     async def _reap(self, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -392,32 +434,55 @@ class Supervisor(PolicyOwner):
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         lived = time.monotonic() - worker.started
-        if self.stopping.is_set():
+        if self.retiring.pop(worker.pid, None) is not None:
+            log.info("worker %d (pid %d) replaced (%s)", worker.index, worker.pid, how)
+        elif self.stopping.is_set():
             log.info("worker %d (pid %d) stopped (%s)", worker.index, worker.pid, how)
-        elif not self.ready and not worker.ready:
-            log.error("worker %d (pid %d) failed to start (%s)", worker.index, worker.pid, how)
+        elif not self.ready:
+            log.error("worker %d (pid %d) %s while starting: giving up", worker.index, worker.pid, how)
             self._start_failed = True
         else:
             log.error("worker %d (pid %d) died (%s) after %.1f s: restarting", worker.index, worker.pid, how, lived)
             self._restart_later(worker.index, worker.started)
 
     async def _watch_workers(self) -> None:
-        """Ping every serving worker; one that stays silent (stopped, deadlocked, stuck in a loop) keeps
-        its share of the listen sockets, and its clients would get no answer: it is killed and restarted."""
+        """Ping every worker. One that leaves a ping unanswered for SILENCE_LIMIT, or is not serving
+        START_LIMIT after its fork (stopped, deadlocked, stuck), still holds its share of the listen
+        sockets and its clients would get no answer: it is killed, and restarted. Every few rounds the
+        workers' counters are read, so a worker that dies loses at most that long of its counts."""
+        loop = asyncio.get_running_loop()
+        rounds = 0
+        reading: asyncio.Future[object] | None = None
         while True:
+            slept = time.monotonic()
             await asyncio.sleep(PING_SECONDS)
             now = time.monotonic()
+            overslept = now - slept > 2 * PING_SECONDS  # the supervisor itself was paused: judge nobody
             for worker in list(self.workers.values()):
-                if not worker.ready:
+                if overslept:
+                    worker.pinged = 0.0
+                elif not worker.ready and now - worker.started > START_LIMIT:
+                    self._kill(worker, f"not serving {now - worker.started:.0f} s after its start")
                     continue
-                if now - worker.heard > SILENCE_LIMIT:
-                    log.error("worker %d (pid %d) unresponsive for %.0f s: killing it", worker.index, worker.pid,
-                              now - worker.heard)
-                    worker.ready = False
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGKILL)
-                else:
+                elif worker.pinged and now - worker.pinged > SILENCE_LIMIT:
+                    self._kill(worker, f"unresponsive for {now - worker.pinged:.0f} s")
+                    continue
+                if worker.ready:
+                    if not worker.pinged:
+                        worker.pinged = now
                     worker.send(PING)
+            rounds += 1
+            if rounds % REFRESH_ROUNDS == 0 and (reading is None or reading.done()):
+                reading = loop.run_in_executor(None, self.collector.refresh)
+
+    def _kill(self, worker: Worker, why: str) -> None:
+        if worker.killed:
+            return
+        log.error("worker %d (pid %d) %s: killing it", worker.index, worker.pid, why)
+        worker.killed = True
+        worker.ready = False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGKILL)
 
     def _restart_later(self, index: int, started: float) -> None:
         young = time.monotonic() - started < YOUNG
@@ -444,13 +509,14 @@ class Supervisor(PolicyOwner):
         return False
 
     async def _stop_workers(self) -> None:
-        for worker in list(self.workers.values()):
+        every = [*self.workers.values(), *self.retiring.values()]
+        for worker in every:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGTERM)
-        tasks = [w.task for w in self.workers.values() if w.task is not None]
+        tasks = [w.task for w in every if w.task is not None]
         if tasks:
             _done, late = await asyncio.wait(tasks, timeout=STOP_GRACE)
-            for worker in list(self.workers.values()):
+            for worker in every:
                 if worker.task in late:
                     log.error("worker %d (pid %d) still running %.0f s after SIGTERM: killing it", worker.index,
                               worker.pid, STOP_GRACE)
@@ -461,7 +527,7 @@ class Supervisor(PolicyOwner):
 
     def _broadcast(self, message: dict[str, object]) -> None:
         data = encode(message)
-        for worker in list(self.workers.values()):
+        for worker in [*self.workers.values(), *self.retiring.values()]:  # a replaced one serves until it stops
             worker.send(data)
 
     def _binding_changed(self, op: str, binding: Binding, _local: bool) -> None:
@@ -474,10 +540,9 @@ class Supervisor(PolicyOwner):
         _spawn(self.source.reload("SIGHUP"))
 
     def _loaded(self, policy: Policy, why: str, milliseconds: float) -> None:
-        old: Config = self._policy.config
         self._policy = policy
-        warn_restart_needed(old, policy.config)
-        if policy.config.identity != old.identity:
+        warn_restart_needed(self.started_with, policy.config)
+        if policy.config.identity != self.started_with.identity:
             log.warning("identity changed: restart blocker to apply")
         self.stats.last_reload_error = None
         self.stats.reloaded(True)
@@ -498,10 +563,9 @@ class Supervisor(PolicyOwner):
             while True:
                 for index in range(self.count):
                     worker = self.workers.get(index)
-                    if worker is None:  # restarting: it is forked with the supervisor's current policy
+                    if worker is None or not worker.ready:  # it catches up when it reports ready
                         continue
-                    worker.loading = asyncio.get_running_loop().create_future()
-                    worker.send(encode({"op": "reload", "why": why}))
+                    self._tell_reload(worker, why)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(asyncio.shield(worker.loading), ROLL_TIMEOUT)
                 if self._roll_again is None or self.stopping.is_set():
@@ -532,19 +596,29 @@ class WorkersCollector(Collector):
                     key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
                     self._retired[key] = self._retired.get(key, 0.0) + sample.value
 
+    def refresh(self) -> list[tuple[Worker, list[Metric] | None]]:
+        """Read every serving worker's metrics (at once: a slow one costs SCRAPE_TIMEOUT at most)."""
+        serving = [w for w in sorted(self.supervisor.workers.values(), key=lambda w: w.index)
+                   if w.ready and w.metrics_port]
+        if not serving:
+            return []
+        with ThreadPoolExecutor(len(serving), thread_name_prefix="blocker-scrape") as pool:
+            results = list(pool.map(scrape_worker, [w.metrics_port for w in serving]))
+        for worker, families in zip(serving, results, strict=True):
+            if families is not None:
+                worker.last_scrape = families
+        return list(zip(serving, results, strict=True))
+
     def collect(self) -> Iterator[object]:
         supervisor = self.supervisor
-        serving = [w for w in sorted(supervisor.workers.values(), key=lambda w: w.index) if w.ready and w.metrics_port]
-        scraped: list[tuple[Worker, list[Metric]]] = []
-        if serving:  # at once: one slow worker delays the scrape by SCRAPE_TIMEOUT at most
-            with ThreadPoolExecutor(len(serving), thread_name_prefix="blocker-scrape") as pool:
-                results = list(pool.map(scrape_worker, [w.metrics_port for w in serving]))
-            for worker, families in zip(serving, results, strict=True):
-                if families is not None:
-                    worker.last_scrape = families
-                    scraped.append((worker, families))
+        read = self.refresh()
+        scraped = [(worker, families) for worker, families in read if families is not None]
+        # A worker alive but not read this time (slow, stopped): its counters as last read, so no sum
+        # goes down (Prometheus would take that for a reset); its gauges are left out.
+        unread = [[f for f in worker.last_scrape if f.type in COUNTING] for worker, families in read
+                  if families is None]
         with self._lock:
-            yield from merge([families for _worker, families in scraped] + [list(self.process.collect())],
+            yield from merge([families for _worker, families in scraped] + unread + [list(self.process.collect())],
                              self._retired, self._retired_families)
         yield from reload_families(supervisor.stats)
         yield from policy_families(supervisor.policy)
@@ -624,6 +698,31 @@ def worker_families(supervisor: Supervisor, scraped: list[tuple[Worker, list[Met
         policies.add_metric([str(worker.index)], {"version": worker.version})
     yield queries
     yield policies
+    pids = [os.getpid(), *(w.pid for w in list(supervisor.workers.values()))]
+    yield GaugeMetricFamily("blocker_workers_memory_pss_bytes", "Memory of the supervisor and its workers "
+                            "together, pages shared copy-on-write counted once (Linux Pss; process_resident_"
+                            "memory_bytes sums each process's own and counts shared pages once per process).",
+                            value=sum(proportional_memory(pid) for pid in pids))
+
+
+def proportional_memory(pid: int) -> int:
+    """A process's Pss in bytes (0 where /proc/PID/smaps_rollup cannot be read)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def stop_with_parent() -> None:
+    """Linux: SIGTERM when the supervisor dies, even if the control channel cannot tell (a stopped child)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def close_inherited(keep: set[int]) -> None:

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from blocker.domains import (
+    CompactNames,
     InvalidName,
     RuleIndex,
     RuleSource,
@@ -128,3 +129,33 @@ def test_all_valid_names_never_passes_what_is_valid_name_rejects() -> None:
     assert all_valid_names(["a.example", "b-c.example"]) and not all_valid_names(["a.example", "-b.example"])
     # Longer than 63 characters: not sure, so checked name by name by the caller.
     assert not all_valid_names(["x" * 64 + ".example"])
+
+
+def test_compact_names_holds_exactly_its_names() -> None:
+    names = {f"host{i}.bulk.example".encode() for i in range(5000)}
+    compact = CompactNames(names)
+    assert len(compact) == 5000 and sorted(compact) == sorted(names)
+    assert all(name in compact for name in names)
+    assert not any(name in compact for name in (b"host1.bulk.exampl", b"ost1.bulk.example", b"bulk.example", b""))
+    assert compact.deepest(b"a.b.host7.bulk.example") == len(b"host7.bulk.example")
+    assert compact.deepest(b"host7.bulk.example.evil") == 0
+
+
+def test_bulk_names_keep_their_meaning_once_compacted() -> None:
+    index = RuleIndex()
+    bulk = RuleSource("ads", "/lists/ads.txt", 0, "")
+    assert index.add_names([f"n{i}.ads.example" for i in range(1000)] + ["shared.example"], bulk) == []
+    assert index.add_names(["n5.ads.example", "new.ads.example"], bulk) == [0]  # listed before: a duplicate
+    assert index.add("shared.example", RuleSource("tracking", "/lists/tracking.yaml", 3, "shared.example"))
+    assert index.add("*.n7.ads.example", RuleSource("other", "/lists/other.yaml", 4, "*.n7.ads.example"))
+    before = {name: index.lookup(name) for name in ("n5.ads.example", "www.n5.ads.example", "shared.example",
+                                                    "x.n7.ads.example", "new.ads.example", "ads.example", "")}
+    index.compact()
+    for name, match in before.items():
+        assert index.lookup(name) == match, name
+    assert index.classify("shared.example") == {"ads", "tracking"}
+    assert index.classify("x.n7.ads.example") == {"other"}  # the pattern is deeper than the bulk rule
+    assert index.classify("") == frozenset()
+    assert index.categories_sizes() == {"ads": 1002, "tracking": 1, "other": 1}
+    assert "n999.ads.example" in index.exact_rules() and len(index.exact_rules()) == 1002
+    assert [s.category for s in index.sources("n3.ads.example")] == ["ads"]

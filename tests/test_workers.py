@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from conftest import standard_config
 from helpers import ROOT, Blocker, Knot, eventually, metric_value, require_tool
 from radius_tools import SECRET, radclient
 
+from blocker.cache import DEFAULT_BYTES, MEMO_SHARE
 from blocker.server import reuseport_pair
 
 QUERIES = 60  # from as many random source ports: both workers get some (chance of not: 2**-59)
@@ -93,10 +96,14 @@ def test_both_workers_answer_and_the_counters_sum(served: Blocker) -> None:
     blocked = metric_sum(text, "blocker_dns_blocked_total", {"category": "tiktok"}) \
         - metric_sum(before, "blocker_dns_blocked_total", {"category": "tiktok"})
     assert blocked == QUERIES
-    # Each worker holds half of the server's cache bound; the merged gauge is the configured bound.
-    assert metric_value(text, "blocker_dns_cache_max_bytes") > 0
+    # Each worker holds half of the server's bounds; the merged gauges are the configured bounds.
+    assert metric_value(text, "blocker_dns_memo_max_bytes") == DEFAULT_BYTES // MEMO_SHARE
+    assert metric_value(text, "blocker_dns_cache_max_bytes") == DEFAULT_BYTES - DEFAULT_BYTES // MEMO_SHARE
     assert metric_value(text, "blocker_worker_up", {"worker": "0"}) == 1
     assert metric_value(text, "blocker_worker_up", {"worker": "1"}) == 1
+    # The lists are shared copy-on-write: the three processes' Pss is below the sum of their RSS.
+    pss = metric_value(text, "blocker_workers_memory_pss_bytes")
+    assert 0 < pss < metric_value(text, "process_resident_memory_bytes")
     # One series per family: the supervisor's own (policy, build) are not doubled by the workers'.
     assert text.count("\nblocker_build_info{") == 1
     assert text.count("\nblocker_policy_info{") == 1
@@ -207,6 +214,54 @@ def test_a_worker_that_stops_answering_is_killed_and_restarted(served: Blocker) 
     assert set(ask(served, "www.example.test")) == {"NOERROR"}
 
 
+def test_a_worker_that_loads_other_files_than_the_supervisor_is_replaced(served: Blocker) -> None:
+    """An operator's two saves: a good edit, then a broken one while a worker has not read the first
+    yet. That worker must not stay on the old policy while the supervisor runs the new one."""
+    assert served.config is not None
+    original = served.config.read_text()
+    pid = worker_pids(served)[1]
+    mark = len(served.lines)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        served.config.write_text(original.replace("policy:\n", "policy:\n  default_group: comms-team\n", 1))
+        line = served.wait_for_log(r"worker 0: reloaded \(file change\) policy=\w+", after=mark)
+        version = re.search(r"policy=(\w+)", line).group(1)  # type: ignore[union-attr]
+        served.config.write_text(original + "dns_typo: 1\n")
+        served.wait_for_log(r"reload \(file change\) rejected", after=mark)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        served.wait_for_log(rf"worker 1 \(pid {pid}\) runs policy \w+, not {version}: replacing it", after=mark)
+        served.wait_for_log(rf"worker 1 \(pid {pid}\) replaced \(exit 0\)", after=mark)
+
+        def versions() -> set[str]:
+            text = served.metrics()
+            return {metric_value_label(text, "blocker_worker_policy_info", "version", {"worker": i}) for i in "01"}
+
+        eventually(lambda: versions() == {version}, 10, 0.2, "both workers on the supervisor's policy")
+        assert set(ask(served, "www.tiktok.com")) == {"NOERROR"}  # comms-team, in every worker
+    finally:
+        served.config.write_text(original)
+        eventually(lambda: set(ask(served, "www.tiktok.com", count=10)) == {"NXDOMAIN"}, 15, 0.2)
+
+
+def test_a_paused_supervisor_kills_no_worker(served: Blocker) -> None:
+    """A frozen container (docker pause, the cgroup freezer) stops the supervisor with its workers:
+    on waking, silence it did not wait for is no reason to kill anyone."""
+    assert served.process is not None
+    pids = worker_pids(served)
+    mark = len(served.lines)
+    everyone = (served.process.pid, *pids.values())
+    for pid in everyone:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(6)  # longer than a worker may stay silent
+    for pid in everyone:
+        os.kill(pid, signal.SIGCONT)
+    assert set(ask(served, "www.example.test", count=20)) == {"NOERROR"}
+    time.sleep(1)  # a watchdog round after the wake-up
+    assert not any("killing it" in line for line in served.lines[mark:]), served.lines[mark:]
+
+
 def test_both_workers_write_whole_lines_to_one_query_log(served: Blocker) -> None:
     assert served.config is not None
     path = served.config.parent / "queries.jsonl"
@@ -259,6 +314,30 @@ def test_workers_stop_when_their_supervisor_is_killed(knot: Knot, tmp_path: Path
     server.stop()
 
 
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        found |= {int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()}
+    return found
+
+
+def test_a_restarted_worker_that_never_serves_is_killed(knot: Knot, tmp_path: Path) -> None:
+    """Its socket joins the group at the fork: stuck before it serves, it would drop its share of queries."""
+    config = standard_config(tmp_path, [knot.endpoint], extra_dns="workers: 2")
+    server = Blocker(config).start()
+    try:
+        assert server.process is not None
+        before = children(server.process.pid)
+        os.kill(worker_pids(server)[0], signal.SIGKILL)
+        stuck = eventually(lambda: next(iter(children(server.process.pid) - before), None), 10, 0.001)
+        os.kill(stuck, signal.SIGSTOP)
+        server.wait_for_log(rf"worker 0 \(pid {stuck}\) not serving \d+ s after its start: killing it", timeout=30)
+        server.wait_for_log(r"worker 0 \(pid \d+\) serving again", timeout=30)
+        assert set(ask(server, "www.example.test")) == {"NOERROR"}
+    finally:
+        server.stop()
+
+
 def test_a_port_held_by_another_process_is_refused_even_with_reuseport(knot: Knot, tmp_path: Path) -> None:
     udp, tcp = reuseport_pair("127.0.0.1", 0)  # another program sharing nothing with us, SO_REUSEPORT set
     try:
@@ -273,6 +352,31 @@ def test_a_port_held_by_another_process_is_refused_even_with_reuseport(knot: Kno
     finally:
         udp.close()
         tcp.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_container_listen_shape_ipv4_and_ipv6_wildcards(tmp_path: Path, workers: int) -> None:
+    """deploy/container's `listen: ["0.0.0.0:8053", "[::]:8053"]`, in a network namespace of its own."""
+    ip = require_tool("ip")
+    namespace = f"bwrk{uuid.uuid4().hex[:6]}"
+    subprocess.run([ip, "netns", "add", namespace], check=True, capture_output=True, timeout=30)
+    try:
+        subprocess.run([ip, "-n", namespace, "link", "set", "lo", "up"], check=True, capture_output=True, timeout=30)
+        inside = (ip, "netns", "exec", namespace)
+        config = tmp_path / "blocker.yaml"
+        config.write_text(f'dns:\n  listen: ["0.0.0.0:8053", "[::]:8053"]\n  upstreams: ["127.0.0.1:9"]\n'
+                          f'  workers: {workers}\nmetrics:\n  listen: null\nblocklists: "{ROOT / "blocklists"}"\n')
+        server = Blocker(config, env={"PYTHONPATH": str(ROOT)}, prefix=inside).start()
+        try:
+            for address, tcp in (("127.0.0.1", ""), ("::1", ""), ("127.0.0.1", "+tcp"), ("::1", "+tcp")):
+                args = [*inside, require_tool("dig"), f"@{address}", "-p", "8053", "www.tiktok.com", "+tries=1",
+                        "+time=3", *([tcp] if tcp else [])]
+                out = subprocess.run(args, capture_output=True, text=True, timeout=15).stdout
+                assert "status: NXDOMAIN" in out, (address, tcp, out)
+        finally:
+            assert server.stop() == 0
+    finally:
+        subprocess.run([ip, "netns", "delete", namespace], capture_output=True, timeout=30)
 
 
 def test_workers_auto_and_bad_values(tmp_path: Path) -> None:
