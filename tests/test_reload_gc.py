@@ -96,6 +96,7 @@ def test_a_reload_runs_no_full_collection_and_frees_the_old_policy(tmp_path: Pat
 
     async def run() -> tuple[bool, weakref.ref[Any]]:
         daemon = Daemon(config, PolicySource.load(config))
+        assert await daemon.reload("test")  # the daemon keeps the config it started with: not this one
         old = weakref.ref(daemon.policy.config.policy.devices[0].addresses[0])
         config.write_text(config.read_text().replace("CASE-7", "CASE-7b"))  # an edit: a real diff, an event
         thresholds = gc.get_threshold()
