@@ -15,14 +15,14 @@ import os
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from blocker.audit import ExemptionAudit
 from blocker.cache import AnswerCache, cache_share
 from blocker.clock import Clock
-from blocker.config import Config, DnsConfig
+from blocker.config import Config, DnsConfig, IdentityConfig
 from blocker.errors import ConfigError
-from blocker.gcstats import GcPauses, settle
+from blocker.gcstats import GcPauses, release, settle
 from blocker.httpd import OpsServer
 from blocker.identity import IdentityCollector, IdentityService
 from blocker.logs import setup_logging
@@ -132,7 +132,7 @@ class Daemon(PolicyOwner):
                  seat: WorkerSeat | None = None) -> None:
         self.clock = clock or Clock()
         self.seat = seat
-        self.started_with = policy.config  # what a reload cannot change (sockets, processes) was made from this
+        self.started_with = RestartOnly.of(policy.config)
         self.gc_pauses = GcPauses()  # times collections and freezes their survivors while running
         self.stats = Stats()
         self.stats.prepare(policy.group_order, policy.lists.categories)
@@ -314,7 +314,9 @@ class Daemon(PolicyOwner):
             log.warning("identity changed: restart blocker to apply (bindings, accounting and store keep running "
                         "as they started)")
         self.stats.prepare(policy.group_order, policy.lists.categories)
-        self.resolver.swap(policy)
+        # The old memo (up to hundreds of thousands of entries) freed at once would stall the loop.
+        box: list[object] = [self.resolver.swap(policy)]
+        asyncio.get_running_loop().run_in_executor(None, release, box)
         self._configure_querylog(policy)
         self.stats.last_reload_error = None
         self.stats.reloaded(True)
@@ -331,13 +333,26 @@ def warn_no_upstreams(config: Config) -> None:
         log.warning("no upstream servers configured or found in /etc/resolv.conf: allowed names will get SERVFAIL")
 
 
-def warn_restart_needed(running: Config, new: Config) -> None:
+class RestartOnly(NamedTuple):
+    """The settings a reload cannot change (the sockets and processes are made once, at start)."""
+
+    listen: tuple[tuple[str, int], ...]
+    metrics: tuple[str, int] | None
+    workers: int
+    identity: IdentityConfig
+
+    @classmethod
+    def of(cls, config: Config) -> RestartOnly:
+        return cls(config.dns.listen, config.metrics.listen, config.dns.workers, config.identity)
+
+
+def warn_restart_needed(running: RestartOnly, new: Config) -> None:
     """Settings a reload cannot apply (the sockets and processes are made once, at start): warned on
     every reload while the file differs from what runs."""
-    if new.dns.listen != running.dns.listen or new.metrics.listen != running.metrics.listen:
+    if new.dns.listen != running.listen or new.metrics.listen != running.metrics:
         log.warning("dns.listen or metrics.listen differ from what runs: restart blocker to apply")
-    if new.dns.workers != running.dns.workers:
-        log.warning("dns.workers is %d, %d run: restart blocker to apply", new.dns.workers, running.dns.workers)
+    if new.dns.workers != running.workers:
+        log.warning("dns.workers is %d, %d run: restart blocker to apply", new.dns.workers, running.workers)
 
 
 _background: set[asyncio.Future[Any]] = set()

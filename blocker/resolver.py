@@ -93,11 +93,13 @@ class Resolver:
     def policy(self) -> Policy:
         return self.memo.policy
 
-    def swap(self, policy: Policy) -> None:
-        """Install a new policy; queries already past `identify` finish on the old one."""
-        self.memo = PolicyMemo(policy, self.bindings, self.share)
+    def swap(self, policy: Policy) -> PolicyMemo:
+        """Install a new policy; queries already past `identify` finish on the old one. Returns the
+        old memo, for the caller to free where it stalls nothing."""
+        old, self.memo = self.memo, PolicyMemo(policy, self.bindings, self.share)
         self.recorder.version = policy.version
         self._configure_limits(policy)
+        return old
 
     def _configure_limits(self, policy: Policy) -> None:
         dns = policy.config.dns

@@ -42,7 +42,10 @@ class PolicySource:
         self.policy = policy
         self._on_loaded = on_loaded
         self._on_rejected = on_rejected
+        # What the running policy was read from (lists are reused only when theirs still match), and
+        # what the last load, good or not, read (a broken edit is not retried until the files change).
         self._signature = signature if signature is not None else file_signature(policy, config_path)
+        self._seen = self._signature
         self._running: asyncio.Task[bool] | None = None
         self._again = False
         self._closed = False
@@ -60,7 +63,7 @@ class PolicySource:
 
     def changed(self) -> bool:
         """Whether any file of the policy changed since it was last read."""
-        return file_signature(self.policy, self.config_path) != self._signature
+        return file_signature(self.policy, self.config_path) != self._seen
 
     async def reload(self, why: str) -> bool:
         """Load again; requests during a running reload are coalesced into one more run after it."""
@@ -112,15 +115,15 @@ class PolicySource:
                 policy = await loop.run_in_executor(None, load_policy, self.config_path, reuse)
         except Exception as err:  # ConfigError, or a bug: either way the running policy stays
             if not self._closed:
-                self._signature = before
+                self._seen = before  # the running policy's own signature stays: its lists may be stale now
                 self._on_rejected(err, why)
             return False
         if self._closed:
             return False
         self.policy = policy
         # Files the new policy reads for the first time (a new include) are stat'ed now.
-        self._signature = file_signature(policy, self.config_path, known,
-                                         listing if policy.lists.folder == old.lists.folder else None)
+        self._signature = self._seen = file_signature(policy, self.config_path, known,
+                                                      listing if policy.lists.folder == old.lists.folder else None)
         self._on_loaded(policy, why, (time.perf_counter() - started) * 1000)
         # The old policy, freed at once here on the loop, would be a 25 ms pause at fleet size.
         box = [old]

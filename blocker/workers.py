@@ -71,6 +71,7 @@ from blocker.daemon import (
     DRAIN_SECONDS,
     Daemon,
     PolicyOwner,
+    RestartOnly,
     _spawn,
     bind_error,
     event_loop_runner,
@@ -202,7 +203,7 @@ class Supervisor(PolicyOwner):
         self.clock = clock or Clock()
         self.config_path = config_path
         self._policy = policy
-        self.started_with = policy.config  # what a reload cannot change (sockets, processes) was made from this
+        self.started_with = RestartOnly.of(policy.config)
         self.count = policy.config.dns.workers
         self.stats = Stats()
         self.source = PolicySource(config_path, policy, self._loaded, self._rejected)

@@ -121,3 +121,19 @@ def test_nothing_is_swapped_in_after_close(config: Path) -> None:
     assert asyncio.run(main()) is False
     assert not owner.loaded
     assert asyncio.run(source.reload("SIGHUP")) is False
+
+
+def test_lists_changed_with_a_rejected_edit_are_read_again_by_the_next_load(config: Path) -> None:
+    """A list edit and a broken config in one save: rejected. When the config is fixed, the lists
+    must be read again, not reused as if the rejected load had read them."""
+    source, owner = source_for(config)
+    original = config.read_text()
+    (config.parent / "lists" / "alpha.yaml").write_text("name: alpha\ndomains: [alpha.example, beta.example]\n")
+    config.write_text(original + "typo_key: 1\n")
+    assert source.changed()
+    assert not asyncio.run(source.reload("edit"))
+    assert owner.rejected and not source.changed()  # not retried on every poll while it stays broken
+    config.write_text(original)
+    assert source.changed()
+    assert asyncio.run(source.reload("fixed"))
+    assert blocked(source.policy, "beta.example")
