@@ -89,6 +89,21 @@ def wait_udp(port: int, timeout: float = 30.0) -> None:
     raise SystemExit(f"bench: nothing answered on port {port}")
 
 
+def wait_ready(process: subprocess.Popen[bytes], port: int) -> None:
+    """Until `blocker serve` logs that it is ready and answers on `port`; its log read on after."""
+    assert process.stderr is not None
+    for raw in process.stderr:
+        if b" ready " in raw:
+            if b" loop=uvloop" not in raw:
+                print(f"bench: warning: blocker is not on uvloop: {raw.decode().strip()}", file=sys.stderr)
+            break
+    else:
+        raise SystemExit("bench: blocker did not start")
+    # Keep reading its log, or a full pipe would stall it.
+    threading.Thread(target=process.stderr.read, daemon=True).start()
+    wait_udp(port)
+
+
 def pinned(cpu: str, args: list[str]) -> list[str]:
     return [tool("taskset"), "-c", cpu, *args]
 
@@ -248,17 +263,7 @@ class Bench:
         process = subprocess.Popen(pinned(SERVER_CPU, [sys.executable, *entry, "serve", "--config", str(config)]),
                                    cwd=ROOT, stderr=subprocess.PIPE, env=env)
         self.processes.append(process)
-        assert process.stderr is not None
-        for raw in process.stderr:
-            if b" ready " in raw:
-                if b" loop=uvloop" not in raw:
-                    print(f"bench: warning: blocker is not on uvloop: {raw.decode().strip()}", file=sys.stderr)
-                break
-        else:
-            raise SystemExit("bench: blocker did not start")
-        # Keep reading its log, or a full pipe would stall it.
-        threading.Thread(target=process.stderr.read, daemon=True).start()
-        wait_udp(port)
+        wait_ready(process, port)
         return port, process.pid
 
     def start_unbound(self, upstream: int) -> tuple[int, int]:

@@ -19,7 +19,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +34,7 @@ from bench import (
     machine,
     stop,
     tool,
+    wait_ready,
     wait_udp,
 )
 
@@ -60,14 +60,7 @@ class WorkersBench(Bench):
                                     "--config", str(config)], cwd=ROOT, stderr=subprocess.PIPE,
                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.processes.append(process)
-        assert process.stderr is not None
-        for raw in process.stderr:
-            if b" ready " in raw:
-                break
-        else:
-            raise SystemExit("bench: blocker did not start")
-        threading.Thread(target=process.stderr.read, daemon=True).start()
-        wait_udp(port)
+        wait_ready(process, port)
         return port, process.pid
 
     def start_unbound_threads(self, upstream: int, threads: int) -> tuple[int, int]:

@@ -74,10 +74,21 @@ class PolicyOwner:
     source: PolicySource
     audit: ExemptionAudit
     identity: IdentityService | None
+    ops: OpsServer | None
+    console: Any  # the admin console (blocker.console.app.ConsoleServer) when enabled
 
     @property
     def policy(self) -> Policy:
         raise NotImplementedError
+
+    async def _stop_services(self) -> None:
+        """Stop what runs beside the resolving: accounting, the ops endpoint, the console."""
+        if self.identity is not None:
+            await self.identity.stop()
+        if self.ops is not None:
+            self.ops.stop()
+        if self.console is not None:
+            self.console.stop()
 
     async def _start_identity(self) -> bool:
         """Restore bindings, bind the RADIUS accounting port, start the store mirror; False (logged) on failure."""
@@ -207,12 +218,7 @@ class Daemon(PolicyOwner):
         watcher.cancel()
         self.source.close()  # a reload still running swaps nothing in now
         await self.listeners.close(DRAIN_SECONDS)
-        if self.identity is not None:
-            await self.identity.stop()
-        if self.ops is not None:
-            self.ops.stop()
-        if self.console is not None:
-            self.console.stop()
+        await self._stop_services()
         self.upstreams.close()
         if self.querylog is not None:
             self.querylog.close()

@@ -302,14 +302,6 @@ class Supervisor(PolicyOwner):
         """/readyz: started, not stopping, and at least one worker answering."""
         return self.ready and any(worker.ready for worker in list(self.workers.values()))
 
-    async def _stop_services(self) -> None:
-        if self.identity is not None:
-            await self.identity.stop()
-        if self.ops is not None:
-            self.ops.stop()
-        if self.console is not None:
-            self.console.stop()
-
     # -- the workers' lives
 
     def _fork(self, index: int) -> None:

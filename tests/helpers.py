@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -13,7 +14,8 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -32,6 +34,20 @@ def require_tool(name: str) -> str:
     if path is None:
         raise AssertionError(f"{name} is not installed: run .ci/run (it installs the test tools)")
     return path
+
+
+@contextlib.contextmanager
+def network_namespace(tag: str) -> Iterator[tuple[str, ...]]:
+    """A fresh network namespace with only loopback up, for the test's life: yields the command
+    prefix that runs a program inside it."""
+    ip = require_tool("ip")
+    name = f"{tag}{uuid.uuid4().hex[:6]}"
+    subprocess.run([ip, "netns", "add", name], check=True, capture_output=True, timeout=30)
+    try:
+        subprocess.run([ip, "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True, timeout=30)
+        yield (ip, "netns", "exec", name)
+    finally:
+        subprocess.run([ip, "netns", "delete", name], capture_output=True, timeout=30)
 
 
 def free_port() -> int:

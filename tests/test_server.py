@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import dns.flags
@@ -19,7 +18,7 @@ import dns.query
 import dns.rdatatype
 import pytest
 from conftest import standard_config
-from helpers import ROOT, BlackHole, Blocker, Knot, edes, metric_value, rcode_text, require_tool
+from helpers import ROOT, BlackHole, Blocker, Knot, edes, metric_value, network_namespace, rcode_text, require_tool
 
 
 def test_blocked_name_gets_nxdomain_with_ede_naming_the_category(blocker: Blocker) -> None:
@@ -387,12 +386,7 @@ def test_embedded_defaults_block_on_port_8053() -> None:
     """The README's first command: `blocker serve` with no config, queried with dig. It runs in a
     network namespace of its own, so a blocker the user started from the Quick start (or anything
     else on 8053) cannot collide with it, and its resolv.conf upstreams are out of reach."""
-    ip = require_tool("ip")
-    namespace = f"bdef{uuid.uuid4().hex[:6]}"
-    subprocess.run([ip, "netns", "add", namespace], check=True, capture_output=True, timeout=30)
-    try:
-        subprocess.run([ip, "-n", namespace, "link", "set", "lo", "up"], check=True, capture_output=True, timeout=30)
-        inside = (ip, "netns", "exec", namespace)
+    with network_namespace("bdef") as inside:
         server = Blocker(None, env={"PYTHONPATH": os.getcwd()}, prefix=inside).start()
         try:
             assert server.port == 8053 and server.metrics_port == 9153
@@ -403,8 +397,6 @@ def test_embedded_defaults_block_on_port_8053() -> None:
             assert "status: NXDOMAIN" in out and "blocked: category=tiktok" in out
         finally:
             assert server.stop() == 0
-    finally:
-        subprocess.run([ip, "netns", "delete", namespace], capture_output=True, timeout=30)
 
 
 def test_a_taken_port_fails_the_start_with_its_reason(tmp_path: Path) -> None:

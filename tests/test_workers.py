@@ -14,14 +14,13 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import dns.rcode
 import pytest
 from conftest import standard_config
-from helpers import ROOT, Blocker, Knot, eventually, metric_value, require_tool
+from helpers import ROOT, Blocker, Knot, eventually, metric_value, network_namespace, require_tool
 from radius_tools import SECRET, radclient
 
 from blocker.cache import DEFAULT_BYTES, MEMO_SHARE
@@ -357,12 +356,7 @@ def test_a_port_held_by_another_process_is_refused_even_with_reuseport(knot: Kno
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_container_listen_shape_ipv4_and_ipv6_wildcards(tmp_path: Path, workers: int) -> None:
     """deploy/container's `listen: ["0.0.0.0:8053", "[::]:8053"]`, in a network namespace of its own."""
-    ip = require_tool("ip")
-    namespace = f"bwrk{uuid.uuid4().hex[:6]}"
-    subprocess.run([ip, "netns", "add", namespace], check=True, capture_output=True, timeout=30)
-    try:
-        subprocess.run([ip, "-n", namespace, "link", "set", "lo", "up"], check=True, capture_output=True, timeout=30)
-        inside = (ip, "netns", "exec", namespace)
+    with network_namespace("bwrk") as inside:
         config = tmp_path / "blocker.yaml"
         config.write_text(f'dns:\n  listen: ["0.0.0.0:8053", "[::]:8053"]\n  upstreams: ["127.0.0.1:9"]\n'
                           f'  workers: {workers}\nmetrics:\n  listen: null\nblocklists: "{ROOT / "blocklists"}"\n')
@@ -375,8 +369,6 @@ def test_the_container_listen_shape_ipv4_and_ipv6_wildcards(tmp_path: Path, work
                 assert "status: NXDOMAIN" in out, (address, tcp, out)
         finally:
             assert server.stop() == 0
-    finally:
-        subprocess.run([ip, "netns", "delete", namespace], capture_output=True, timeout=30)
 
 
 def test_workers_auto_and_bad_values(tmp_path: Path) -> None:
